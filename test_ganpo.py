@@ -1,0 +1,439 @@
+"""Tests: CPU only, offline, about a minute.
+
+    HF_HUB_OFFLINE=1 python -m pytest -q test_ganpo.py
+
+Each test is named for the property it checks. Models are the `tiny` random Llama (with the
+packaged SmolLM2 tokenizer, so chat templates and special tokens are real).
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from contextlib import nullcontext
+from safetensors.torch import load_file
+
+import ganpo
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_FLAGS = ["--model", "tiny", "--disc_dim", "32", "--disc_heads", "2", "--max_length", "64",
+              "--max_prompt_length", "40", "--batch_size", "4", "--log_every", "1"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return ganpo.load_tokenizer("tiny")
+
+
+def make_rows(n, seed=0):
+    """Conversational rows with a clear preference (positive vs negative review)."""
+    good = ["Great place, I loved it.", "Wonderful and friendly staff!", "Excellent, would return.", "Superb value."]
+    bad = ["Awful, never again.", "Terrible service and cold food.", "Bad.", "Disappointing and dirty, sadly."]
+    return [{"prompt": [{"role": "user", "content": f"Review place number {i + seed}."}],
+             "chosen": [{"role": "assistant", "content": good[i % 4]}],
+             "rejected": [{"role": "assistant", "content": bad[(i + 1) % 4]}]} for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(40)))
+    return str(path)
+
+
+def tiny_policy(tokenizer, seed=0):
+    return ganpo.load_policy("tiny", tokenizer, seed)
+
+
+def batch_of(tokenizer, rows, max_length=64):
+    examples, _ = ganpo.tokenize_rows(rows, tokenizer, max_length, 40)
+    return ganpo.collate(examples, tokenizer.pad_token_id)
+
+
+# ---------------------------------------------------------------------------------------- losses
+
+def test_dpo_loss_matches_hand_computed_value():
+    pc, pr, rc, rr = torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]), torch.tensor([-11.5])
+    delta = (-10 + 11) - (-12 + 11.5)  # 1.5
+    expected = -math.log(1 / (1 + math.exp(-0.1 * delta)))
+    assert ganpo.dpo_loss(pc, pr, rc, rr, beta=0.1).item() == pytest.approx(expected, rel=1e-6)
+    smoothed = 0.8 * expected + 0.2 * -math.log(1 / (1 + math.exp(0.1 * delta)))
+    assert ganpo.dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.2).item() == pytest.approx(smoothed, rel=1e-6)
+
+
+def test_simpo_loss_matches_hand_computed_value():
+    # β=2, γ=0.5, mean log-probs -1.0 and -1.5: −log σ(2·0.5 − 0.5) = −log σ(0.5)
+    loss = ganpo.simpo_loss(torch.tensor([-1.0]), torch.tensor([-1.5]), beta=2.0, gamma=0.5)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.5)), rel=1e-6)
+
+
+def test_ipo_loss_matches_hand_computed_value():
+    # Δ = (−1 + 1.2) − (−2 + 1.5) = 0.7; 1/(2β) = 5 at β=0.1: (0.7 − 5)² = 18.49
+    loss = ganpo.ipo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.2]), torch.tensor([-1.5]), 0.1)
+    assert loss.item() == pytest.approx(18.49, rel=1e-6)
+
+
+def test_quad_and_generator_losses_match_hand_computed_values():
+    a, f, n = torch.tensor([2.0]), torch.tensor([0.5]), torch.tensor([-1.0])
+    ma, mf, mn = 1.0, 0.0, -0.5
+
+    def bce(z, t):  # −[t·log σ(z) + (1−t)·log(1−σ(z))]
+        s = 1 / (1 + math.exp(-z))
+        return -(t * math.log(s) + (1 - t) * math.log(1 - s))
+    expected = 0.25 * (bce(2 - mf, 1) + bce(0.5 - ma, 0) + bce(0.5 - mn, 1) + bce(-1 - mf, 0))
+    assert ganpo.quad_disc_loss(a, f, n, ma, mf, mn).item() == pytest.approx(expected, rel=1e-6)
+    g = ganpo.generator_loss(torch.tensor([0.3]), torch.tensor([-0.2]), 1.0, -1.0)
+    assert g.item() == pytest.approx(0.5 * (bce(0.3 - 1, 1) + bce(-0.2 + 1, 1)), rel=1e-6)
+
+
+def test_running_means_start_at_first_value_then_decay():
+    ema = {}
+    ganpo.update_ema(ema, {"k": torch.tensor([1.0, 3.0])}, 0.9)
+    assert ema["k"].item() == pytest.approx(2.0)
+    ganpo.update_ema(ema, {"k": torch.tensor([12.0])}, 0.9)
+    assert ema["k"].item() == pytest.approx(0.9 * 2 + 0.1 * 12)
+
+
+# ------------------------------------------------------------------------------- tokens and masks
+
+def test_completion_mask_excludes_prompt_and_padding_and_includes_final_end_of_turn(tokenizer):
+    rows = make_rows(2)
+    rows[1]["chosen"][0]["content"] = "A much longer answer that forces the other rows to be padded on the right."
+    batch = batch_of(tokenizer, rows)
+    ids, mask, att = batch["input_ids"], batch["completion_mask"], batch["attention_mask"]
+    for i in range(ids.shape[0]):
+        scored = ids[i][mask[i]].tolist()
+        text = tokenizer.decode(scored)
+        # the completion is the assistant content plus the template's end of turn, nothing of the prompt
+        assert text.endswith("<|im_end|>\n") and "<|im_start|>" not in text and "user" not in text
+        assert not mask[i][~att[i]].any()  # padding is never scored
+        last = int(att[i].nonzero().max())
+        assert mask[i, last] and ids[i, last - 1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert (~att).any()  # the batch really had padding (pad id = <|im_end|> here)
+    assert tokenizer.pad_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_standard_rows_score_an_appended_eos_even_though_pad_is_eos(tokenizer):
+    rows = [{"prompt": "Rate the hotel:", "chosen": " Lovely.", "rejected": " Dreadful and loud all night long."}]
+    batch = batch_of(tokenizer, rows)
+    eos = tokenizer.eos_token_id
+    for i in range(2):
+        scored = batch["input_ids"][i][batch["completion_mask"][i]].tolist()
+        assert scored[-1] == eos and scored.count(eos) == 1
+    assert tokenizer.decode(batch["input_ids"][0][batch["completion_mask"][0]]) == " Lovely." + tokenizer.eos_token
+
+
+def test_truncation_keeps_prompt_end_then_cuts_completion_and_drops_empty_rows(tokenizer):
+    row = {"prompt": "one two three four five six seven eight nine ten", "chosen": " yes indeed", "rejected": " no"}
+    ex = ganpo.tokenize_row(row, tokenizer, max_length=8, max_prompt_length=5)
+    full_prompt = tokenizer(row["prompt"])["input_ids"]
+    assert ex["prompt"] == full_prompt[-5:]  # the prompt's end survives
+    assert len(ex["prompt"]) + len(ex["chosen"]) <= 8 and len(ex["chosen"]) == 3  # " yes indeed" + EOS fits
+    assert ganpo.tokenize_row(row, tokenizer, max_length=5, max_prompt_length=5) is None  # no room left
+    kept, dropped = ganpo.tokenize_rows([row, row], tokenizer, 5, 5)
+    assert kept == [] and dropped == 2
+
+
+def test_implicit_prompt_rows_are_split_at_the_last_shared_message():
+    conv = [{"role": "user", "content": "hi"}]
+    row = {"chosen": conv + [{"role": "assistant", "content": "hello!"}],
+           "rejected": conv + [{"role": "assistant", "content": "go away"}]}
+    ganpo.check_row(row, "x")
+    assert row["prompt"] == conv and row["chosen"] == [{"role": "assistant", "content": "hello!"}]
+
+
+# ------------------------------------------------------------------------------ log-probs, latents
+
+def test_summed_logps_equal_a_brute_force_loop_over_positions(tokenizer):
+    policy = tiny_policy(tokenizer)
+    batch = batch_of(tokenizer, make_rows(3))
+    sum_logps, n_tokens, hidden = ganpo.forward_logps_and_hidden(policy, batch)
+    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits
+    for i in range(batch["input_ids"].shape[0]):
+        total, count = 0.0, 0
+        for t in range(1, batch["input_ids"].shape[1]):
+            if batch["completion_mask"][i, t]:  # token t is predicted by the logits at t−1
+                total += torch.log_softmax(logits[i, t - 1].double(), -1)[batch["input_ids"][i, t]].item()
+                count += 1
+        assert sum_logps[i].item() == pytest.approx(total, rel=1e-5)
+        assert n_tokens[i].item() == count
+    assert hidden.shape == (*batch["input_ids"].shape, policy.config.hidden_size)
+
+
+def test_a_rows_logps_and_discriminator_score_do_not_change_when_batched_with_a_longer_row(tokenizer):
+    policy = tiny_policy(tokenizer).eval()
+    disc = ganpo.Discriminator(policy.config.hidden_size, d_disc=32, n_heads=2).eval()
+    short = make_rows(1)
+    long = make_rows(1, seed=5)
+    long[0]["rejected"][0]["content"] = "An extremely long rejected answer " * 6
+    alone, pair = batch_of(tokenizer, short), batch_of(tokenizer, short + long)
+    assert pair["input_ids"].shape[1] > alone["input_ids"].shape[1]
+    with torch.no_grad():
+        lp_alone, _, h_alone = ganpo.forward_logps_and_hidden(policy, alone)
+        lp_pair, _, h_pair = ganpo.forward_logps_and_hidden(policy, pair)
+        for which in ("attention_mask", "completion_mask"):
+            s_alone = disc(h_alone, alone[which])
+            s_pair = disc(h_pair, pair[which])
+            # rows: alone = [chosen0, rejected0]; pair = [chosen0, chosen1, rejected0, rejected1]
+            torch.testing.assert_close(s_pair[[0, 2]], s_alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp_pair[[0, 2]], lp_alone, atol=1e-4, rtol=1e-5)
+
+
+def test_dpo_loss_is_ln2_and_rewards_zero_at_step_0(tokenizer):
+    policy = tiny_policy(tokenizer)
+    ref = ganpo.make_reference(policy)
+    m = ganpo.evaluate(policy, ref, [batch_of(tokenizer, make_rows(4))], ganpo.LossConfig(), nullcontext)
+    assert m["opo/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert m["rewards/chosen"] == 0 and m["rewards/rejected"] == 0 and m["rewards/accuracies"] == 0
+
+
+# ---------------------------------------------------------------------------- the GANPO update
+
+def setup_models(tokenizer, adv_weight=1.0, lr=1e-3):
+    torch.manual_seed(0)
+    policy = tiny_policy(tokenizer)
+    ref = ganpo.make_reference(policy)
+    discs = ganpo.build_discriminators(policy.config.hidden_size, d_disc=32, n_heads=2) if adv_weight > 0 else None
+    popt = torch.optim.AdamW(policy.parameters(), lr=lr)
+    dopt = torch.optim.AdamW(discs.parameters(), lr=lr) if discs is not None else None
+    return policy, ref, discs, popt, dopt
+
+
+def test_discriminator_loss_sends_no_gradient_to_the_policy_and_generator_loss_none_to_discriminators(tokenizer):
+    policy, ref, discs, _, _ = setup_models(tokenizer)
+    cfg = ganpo.LossConfig(adv_weight=1.0)
+    batch = batch_of(tokenizer, make_rows(4))
+    disc_state = {k: v.clone() for k, v in discs.state_dict().items()}  # incl. spectral-norm power-iteration vectors
+    torch.manual_seed(1)
+    ganpo.ganpo_micro_step(policy, ref, discs, batch, cfg, {}, 1, nullcontext)
+    policy_grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    disc_grads = {n: p.grad.clone() for n, p in discs.named_parameters()}
+    # recompute each part alone with the same dropout draws
+    policy.zero_grad()
+    discs.zero_grad()
+    discs.load_state_dict(disc_state)
+    torch.manual_seed(1)
+    logps, n_tok, hidden = ganpo.forward_logps_and_hidden(policy, batch)
+    with torch.no_grad():
+        ref_logps, _, ref_hidden = ganpo.forward_logps_and_hidden(ref, batch)
+    B = 4
+    m = batch["attention_mask"]
+    discs.train()
+    discs.requires_grad_(True)
+    logits = {"chosen/real": discs["chosen"](ref_hidden[:B], m[:B]), "chosen/fake": discs["chosen"](hidden[:B].detach(), m[:B]),
+              "chosen/contrast": discs["chosen"](ref_hidden[B:], m[B:]), "rejected/real": discs["rejected"](ref_hidden[B:], m[B:]),
+              "rejected/fake": discs["rejected"](hidden[B:].detach(), m[B:]), "rejected/contrast": discs["rejected"](ref_hidden[:B], m[:B])}
+    ema = {}
+    ganpo.update_ema(ema, logits, 0.9)
+    d_loss = sum(ganpo.quad_disc_loss(logits[f"{s}/real"], logits[f"{s}/fake"], logits[f"{s}/contrast"],
+                                      ema[f"{s}/real"], ema[f"{s}/fake"], ema[f"{s}/contrast"]) for s in ("chosen", "rejected"))
+    d_loss.backward()
+    for n, p in discs.named_parameters():
+        torch.testing.assert_close(p.grad, disc_grads[n])  # the generator loss added nothing to D's gradients
+    assert all(p.grad is None for p in policy.parameters())  # D's loss sends nothing to the policy
+    discs.zero_grad()
+    discs.eval()
+    discs.requires_grad_(False)
+    g = ganpo.generator_loss(discs["chosen"](hidden[:B], m[:B]), discs["rejected"](hidden[B:], m[B:]),
+                             ema["chosen/real"], ema["rejected/real"])
+    (ganpo.opo_loss(cfg, logps, ref_logps, n_tok).mean() + g).backward()
+    for n, p in policy.named_parameters():
+        torch.testing.assert_close(p.grad, policy_grads[n])
+    assert all(p.grad is None for p in discs.parameters())
+    # and the generator loss really reaches the policy through D
+    policy.zero_grad()
+    ganpo.opo_loss(cfg, *ganpo.forward_logps_and_hidden(policy, batch)[:1], ref_logps, n_tok).mean().backward()
+    assert any(not torch.allclose(p.grad, policy_grads[n]) for n, p in policy.named_parameters())
+
+
+def test_an_optimizer_step_of_each_side_changes_only_its_own_weights(tokenizer):
+    policy, ref, discs, popt, dopt = setup_models(tokenizer)
+    batch = batch_of(tokenizer, make_rows(4))
+    p0 = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    d0 = {n: p.detach().clone() for n, p in discs.named_parameters()}
+    frozen_policy_opt = torch.optim.SGD(policy.parameters(), lr=0.0)  # step D only
+    ganpo.ganpo_step(policy, ref, discs, frozen_policy_opt, dopt, [batch], ganpo.LossConfig(), {}, nullcontext)
+    assert all(torch.equal(p, p0[n]) for n, p in policy.named_parameters())
+    assert any(not torch.equal(p, d0[n]) for n, p in discs.named_parameters())
+    d1 = {n: p.detach().clone() for n, p in discs.named_parameters()}
+    frozen_disc_opt = torch.optim.SGD(discs.parameters(), lr=0.0)  # step the policy only
+    ganpo.ganpo_step(policy, ref, discs, popt, frozen_disc_opt, [batch], ganpo.LossConfig(), {}, nullcontext)
+    assert all(torch.equal(p, d1[n]) for n, p in discs.named_parameters())
+    assert any(not torch.equal(p, p0[n]) for n, p in policy.named_parameters())
+    assert all(p.grad is None for p in list(policy.parameters()) + list(discs.parameters()))  # grads zeroed
+
+
+def test_adv_weight_zero_gives_the_same_weights_as_a_plain_dpo_step(tokenizer):
+    # SGD, not Adam: Adam's first step is ~lr·sign(g), which amplifies float noise in near-zero grads
+    policy, ref, discs, _, _ = setup_models(tokenizer, adv_weight=0)
+    assert discs is None
+    batch = batch_of(tokenizer, make_rows(4))
+    popt = torch.optim.SGD(policy.parameters(), lr=1.0)
+    ganpo.ganpo_step(policy, ref, None, popt, None, [batch], ganpo.LossConfig(adv_weight=0), {}, nullcontext)
+    # the textbook DPO step, written independently: full logits, log_softmax, gather, mask
+    plain, plain_ref, _, _, _ = setup_models(tokenizer, adv_weight=0)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=1.0)
+
+    def seq_logps(model):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits[:, :-1]
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        return (lp * batch["completion_mask"][:, 1:]).sum(-1)
+    pol = seq_logps(plain)
+    with torch.no_grad():
+        rf = seq_logps(plain_ref)
+    loss = -F.logsigmoid(0.1 * ((pol[:4] - rf[:4]) - (pol[4:] - rf[4:]))).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+    plain_opt.step()
+    moved = 0
+    for (n, p), q, p0 in zip(policy.named_parameters(), plain.parameters(), plain_ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
+        moved += int(not torch.equal(p, p0))
+    assert moved > 0  # the step did something
+
+
+@pytest.mark.parametrize("adv_weight", [0.0])
+def test_gradient_accumulation_over_two_half_batches_matches_one_full_batch(tokenizer, adv_weight):
+    rows = make_rows(4)
+    rows[0]["chosen"][0]["content"] = "A far longer chosen answer, so the halves pad to different lengths."
+    cfg = ganpo.LossConfig(adv_weight=adv_weight)
+    full, ref, _, _, _ = setup_models(tokenizer, adv_weight)
+    opt_full = torch.optim.SGD(full.parameters(), lr=1.0)
+    m_full = ganpo.ganpo_step(full, ref, None, opt_full, None, [batch_of(tokenizer, rows)], cfg, {}, nullcontext,
+                              max_grad_norm=0)
+    halves, ref2, _, _, _ = setup_models(tokenizer, adv_weight)
+    opt_halves = torch.optim.SGD(halves.parameters(), lr=1.0)
+    m_half = ganpo.ganpo_step(halves, ref2, None, opt_halves, None,
+                              [batch_of(tokenizer, rows[:2]), batch_of(tokenizer, rows[2:])], cfg, {}, nullcontext,
+                              max_grad_norm=0)
+    for p, q in zip(full.parameters(), halves.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    assert m_full["loss"] == pytest.approx(m_half["loss"], rel=1e-5)
+    assert m_full["policy/grad_norm"] == pytest.approx(m_half["policy/grad_norm"], rel=1e-4)
+
+
+# -------------------------------------------------------------------------------- train.py
+
+def run_train(args, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True, text=True,
+                          env=env, cwd=HERE, timeout=300, **kw)
+
+
+def test_train_script_runs_tiny_model_and_writes_a_loadable_policy_and_metrics(tmp_path, data_file):
+    out = tmp_path / "run"
+    r = run_train([*TINY_FLAGS, "--data", data_file, "--output_dir", str(out), "--max_steps", "3", "--eval_every", "2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "eval held-out step 3" in r.stdout
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r for r in records if "split" not in r]
+    assert [r["step"] for r in train_steps] == [0, 1, 2]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected", "disc/loss", "gen/loss", "disc/accuracy", "ema/chosen/real", "policy/grad_norm",
+                "disc/grad_norm", "lr", "tokens_per_s"):
+        assert key in train_steps[0], key
+    assert train_steps[0]["opo/loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 0
+    evals = [r for r in records if r.get("split") == "held-out"]
+    assert [r["step"] for r in evals] == [2, 3]
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 3 and set(state["ema"]) == set(ganpo.EMA_KEYS) and state["discs"] is not None
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, data_file):
+    flags = [*TINY_FLAGS, "--data", data_file, "--max_steps", "8", "--eval_every", "0", "--save_every", "100"]
+    r = run_train([*flags, "--output_dir", str(tmp_path / "straight")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    # interrupt a second run with SIGINT once it has logged a step, then resume it
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "train.py", *flags, "--output_dir", str(tmp_path / "stopped")], cwd=HERE,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 1 "):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, rest
+    state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
+    assert 2 <= state["step"] < 8, rest  # it stopped early, after finishing a step
+    r = run_train(["--output_dir", str(tmp_path / "stopped"), "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resumed from step {state['step']}" in r.stdout
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "stopped" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()
+             if "split" not in json.loads(x)]
+    assert steps == list(range(8))  # each step logged once
+
+
+# ------------------------------------------------------------------------------- bad input
+
+def run_main(monkeypatch, capsys, args):
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    with pytest.raises(SystemExit) as e:
+        train.main()
+    err = capsys.readouterr().err.strip()
+    return e.value.code, err
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", \n', "bad.jsonl:2: invalid JSON"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n', "bad.jsonl:2: missing field rejected"),
+    ('{"prompt": "a", "chosen": 3, "rejected": "c"}\n', "bad.jsonl:1: field chosen must be a string"),
+    ('{"prompt": "' + "long " * 300 + '", "chosen": "b", "rejected": "c"}\n', "no pairs left after filtering"),
+])
+def test_bad_data_gets_one_clear_line_naming_the_file_and_row(tmp_path, monkeypatch, capsys, content, message):
+    path = tmp_path / "bad.jsonl"
+    if content is not None:
+        path.write_text(content)
+    extra = ["--max_prompt_length", "64"] if "long" in (content or "") else []
+    code, err = run_main(monkeypatch, capsys, [*TINY_FLAGS, *extra, "--data", str(path),
+                                               "--output_dir", str(tmp_path / "out")])
+    assert code == 2 and err.startswith("error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_unknown_model_and_existing_run_get_one_clear_line_and_nothing_is_overwritten(tmp_path, monkeypatch, capsys,
+                                                                                        data_file):
+    code, err = run_main(monkeypatch, capsys, ["--model", str(tmp_path / "no-such-model"), "--data", data_file,
+                                               "--output_dir", str(tmp_path / "out")])
+    assert code == 2 and "--model" in err and "\n" not in err
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"precious")
+    code, err = run_main(monkeypatch, capsys, [*TINY_FLAGS, "--data", data_file, "--output_dir", str(out)])
+    assert code == 2 and "--resume" in err
+    assert (out / "checkpoint.pt").read_bytes() == b"precious"
+
+
+def test_label_noise_swaps_a_seeded_fraction_of_training_pairs(tmp_path, data_file, monkeypatch, capsys):
+    r = run_train([*TINY_FLAGS, "--data", data_file, "--output_dir", str(tmp_path / "n"), "--max_steps", "0",
+                   "--label_noise", "0.25"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "label noise: swapped 9 of 36 training pairs" in r.stdout  # 40 rows, last 10% held out
+
+
+# ---------------------------------------------------------------------------------- bundled data
+
+def test_bundled_data_has_the_promised_splits_counts_and_gaps():
+    counts, cats = {}, {}
+    for split in ("train", "test", "shift"):
+        rows = ganpo.read_rows("bundled", split)
+        counts[split] = len(rows)
+        cats[split] = {r["category"] for r in rows}
+        assert all(r["score_chosen"] - r["score_rejected"] >= 0.5 for r in rows)
+    assert counts["train"] >= 1000 and counts["test"] >= 200 and counts["shift"] >= 200
+    assert len(cats["train"]) >= 8 and cats["test"] <= cats["train"]
+    assert len(cats["shift"]) >= 2 and not cats["shift"] & cats["train"]
+    train_prompts = {r["prompt"][0]["content"] for r in ganpo.read_rows("bundled", "train")}
+    assert not train_prompts & {r["prompt"][0]["content"] for r in ganpo.read_rows("bundled", "test")}

@@ -1,0 +1,323 @@
+"""Train a causal LM with GANPO (or plain DPO/SimPO/IPO with --adv_weight 0).
+
+    python train.py                                  # SmolLM2-135M on the bundled data, CPU, ~12 min
+    python train.py --model tiny --max_steps 5       # smoke test in seconds
+    python train.py --help                           # every flag
+
+The loop follows SPEC §6: per optimizer step, each micro-batch gets one policy forward and one
+reference forward, a discriminator backward on detached latents, and a policy backward through
+the frozen discriminators; then both optimizers step once.
+"""
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+from transformers import HfArgumentParser
+
+import ganpo
+
+
+@dataclass
+class Config:
+    # model and data
+    model: str = field(default="smollm2", metadata={"help": "smollm2 (packaged, offline) | tiny (random, tests) | HF id or folder"})
+    data: str = field(default="bundled", metadata={"help": "bundled (data/*.jsonl) | a .jsonl/.json file | a HF dataset name"})
+    train_split: str = field(default="train", metadata={"help": "split to train on (for HF datasets and bundled data)"})
+    eval_split: str = field(default="test", metadata={"help": "held-out split, evaluated every --eval_every steps and at the end"})
+    eval_data: str = field(default="", metadata={"help": "held-out data, if not --data's --eval_split (a file: default = last 10%% of --data)"})
+    final_eval_splits: str = field(default="auto", metadata={"help": "extra splits scored at the end (comma list; auto = shift for bundled data)"})
+    eval_pairs: int = field(default=0, metadata={"help": "cap on held-out pairs per evaluation (0 = all)"})
+    output_dir: str = field(default="out/ganpo-smollm2", metadata={"help": "policy (save_pretrained), checkpoint.pt, metrics.jsonl"})
+    max_length: int = field(default=128, metadata={"help": "tokens per sequence, prompt + completion"})
+    max_prompt_length: int = field(default=64, metadata={"help": "prompt tokens kept (its end) before the completion is cut"})
+    # optimisation
+    max_steps: int = field(default=60, metadata={"help": "policy optimizer steps (0 = save the untrained policy)"})
+    batch_size: int = field(default=8, metadata={"help": "preference pairs per optimizer step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (divides batch_size)"})
+    lr: float = field(default=2e-5, metadata={"help": "peak policy learning rate"})
+    warmup_steps: int = field(default=5, metadata={"help": "linear warmup steps, then cosine decay to lr/10"})
+    weight_decay: float = field(default=0.0, metadata={"help": "policy AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping for policy and discriminators (0 = off)"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a bf16 GPU, else fp32) | bf16 | fp32"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder activations in backward"})
+    seed: int = field(default=0, metadata={"help": "seeds data order, label noise, discriminators, tiny model"})
+    label_noise: float = field(default=0.0, metadata={"help": "fraction of training pairs with chosen/rejected swapped"})
+    # objective (SPEC §3, §5)
+    loss: str = field(default="dpo", metadata={"help": "base loss: dpo | simpo | ipo"})
+    beta: float = field(default=0.1, metadata={"help": "β of DPO/IPO/SimPO"})
+    gamma: float = field(default=0.5, metadata={"help": "γ, SimPO margin"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "ε of conservative DPO"})
+    adv_weight: float = field(default=1.0, metadata={"help": "λ of the generator loss (reference code: 1.0); 0 = plain OPO"})
+    disc_tokens: str = field(default="all", metadata={"help": "tokens the discriminators see: all | response"})
+    disc_dim: int = field(default=512, metadata={"help": "discriminator width (reference code: 512)"})
+    disc_layers: int = field(default=2, metadata={"help": "discriminator transformer layers (reference code: 2)"})
+    disc_heads: int = field(default=8, metadata={"help": "discriminator attention heads (reference code: 8)"})
+    disc_lr_ratio: float = field(default=0.5, metadata={"help": "discriminator lr / policy lr (reference code: 0.5)"})
+    ema_decay: float = field(default=0.9, metadata={"help": "μ of the running means of discriminator logits"})
+    # bookkeeping
+    log_every: int = field(default=5, metadata={"help": "steps between log lines (metrics.jsonl gets every step)"})
+    eval_every: int = field(default=20, metadata={"help": "steps between held-out evaluations (0 = only at the end)"})
+    save_every: int = field(default=50, metadata={"help": "steps between checkpoints (always at the end)"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir exactly where it stopped"})
+
+
+def fail(message):
+    """One clear line and a non-zero exit, no traceback wall."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_config(cfg):
+    if cfg.loss not in ("dpo", "simpo", "ipo"):
+        fail(f"--loss {cfg.loss}: expected dpo, simpo or ipo")
+    if cfg.disc_tokens not in ("all", "response"):
+        fail(f"--disc_tokens {cfg.disc_tokens}: expected all or response")
+    if cfg.dtype not in ("auto", "bf16", "fp32"):
+        fail(f"--dtype {cfg.dtype}: expected auto, bf16 or fp32")
+    if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
+        fail(f"--batch_size {cfg.batch_size} must be a multiple of --grad_accum {cfg.grad_accum}")
+    if not 0 <= cfg.label_noise <= 1:
+        fail(f"--label_noise {cfg.label_noise}: expected a fraction in [0, 1]")
+    if cfg.max_steps < 0 or cfg.max_length < 2 or cfg.max_prompt_length < 1:
+        fail("--max_steps must be >= 0, --max_length >= 2, --max_prompt_length >= 1")
+
+
+def read_split(data, split):
+    try:
+        return ganpo.read_rows(data, split)
+    except ValueError as e:
+        fail(str(e))
+
+
+def tokenize_split(cfg, tokenizer, rows, what):
+    """Tokenise one split, say what was dropped, and fail with one line if nothing is left."""
+    examples, dropped = ganpo.tokenize_rows(rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    merged = sum(e["boundary_merged"] for e in examples)
+    print(f"{what}: {len(examples)} pairs"
+          + (f" | {dropped} dropped: no completion tokens left after truncation to --max_length {cfg.max_length}" if dropped else "")
+          + (f" | {merged} with a token merged across the prompt/completion boundary" if merged else ""))
+    if not examples:
+        fail(f"--data {cfg.data} ({what}): no pairs left after filtering (check --max_length / --max_prompt_length)")
+    return examples
+
+
+def load_data(cfg, tokenizer):
+    """-> (train, {split name: held-out examples}); the first held-out split is evaluated periodically.
+    A single file without --eval_data keeps its last 10% of rows out of training for evaluation."""
+    is_file = cfg.data.endswith((".jsonl", ".json"))
+    train_rows = read_split(cfg.data, cfg.train_split)
+    if cfg.eval_data:
+        held = {cfg.eval_split: read_split(cfg.eval_data, cfg.eval_split)}
+    elif is_file:
+        n_eval = max(1, len(train_rows) // 10) if len(train_rows) > 1 else 0
+        train_rows, held = train_rows[:len(train_rows) - n_eval], {"held-out": train_rows[len(train_rows) - n_eval:]}
+    else:
+        held = {cfg.eval_split: read_split(cfg.data, cfg.eval_split)}
+    extra = ("shift" if cfg.data == "bundled" else "") if cfg.final_eval_splits == "auto" else cfg.final_eval_splits
+    if not is_file or cfg.eval_data:
+        for s in [s for s in extra.split(",") if s]:
+            held[s] = read_split(cfg.eval_data or cfg.data, s)
+    train = tokenize_split(cfg, tokenizer, train_rows, f"train [{cfg.train_split}]")
+    held = {s: tokenize_split(cfg, tokenizer, rows, f"eval [{s}]") for s, rows in held.items() if rows}
+    held = {s: ex[:cfg.eval_pairs] if cfg.eval_pairs else ex for s, ex in held.items()}
+    return train, held
+
+
+def batches_of(examples, size, pad_id):
+    return [ganpo.collate(examples[i:i + size], pad_id) for i in range(0, len(examples), size)]
+
+
+def pairs_for_step(step, n, batch_size, seed):
+    """Indices of the pairs of optimizer step `step`: epochs are seeded permutations, so the data
+    position of a resumed run is a function of the step alone."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(perm[i]))
+    return out
+
+
+def save_policy(policy, tokenizer, output_dir):
+    """save_pretrained into a temporary folder, then move each file into place (each move is atomic)."""
+    tmp = os.path.join(output_dir, ".policy.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    os.rmdir(tmp)
+
+
+def atomic_torch_save(obj, path):
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def main():
+    cfg = HfArgumentParser(Config).parse_args_into_dataclasses()[0]
+    check_config(cfg)
+    ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
+    if cfg.resume:
+        if not os.path.isfile(ckpt_path):
+            fail(f"--resume: no checkpoint.pt in --output_dir {cfg.output_dir}")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        given = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "output_dir")}
+        cfg = Config(**{**state["config"], "resume": True, "output_dir": cfg.output_dir})
+        ignored = [k for k, v in given.items() if v != getattr(cfg, k) and v != getattr(Config, k)]
+        if ignored:
+            print(f"--resume: the saved run's settings are used; ignoring --{', --'.join(ignored)}")
+    elif os.path.exists(ckpt_path):
+        fail(f"--output_dir {cfg.output_dir} already holds a run: pass --resume to continue it, or pick another folder")
+    print(json.dumps(asdict(cfg)))
+
+    # --- setup: device, precision, models, data (plumbing)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
+
+    def autocast():
+        # bf16 autocast keeps float32 master weights; CPUs without bf16 matrix units run it ~4x slower
+        return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16)
+
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    try:
+        tokenizer = ganpo.load_tokenizer(cfg.model)
+        policy = ganpo.load_policy(cfg.model, tokenizer, cfg.seed).to(device)
+    except ValueError as e:
+        fail(str(e))
+    train, held_out = load_data(cfg, tokenizer)
+    if cfg.label_noise > 0:  # swap chosen and rejected in a seeded subset of the training pairs
+        flipped = random.Random(cfg.seed).sample(range(len(train)), round(cfg.label_noise * len(train)))
+        for i in flipped:
+            train[i] = {**train[i], "chosen": train[i]["rejected"], "rejected": train[i]["chosen"]}
+        print(f"label noise: swapped {len(flipped)} of {len(train)} training pairs")
+    micro = cfg.batch_size // cfg.grad_accum
+    held_out = {s: batches_of(ex, micro, tokenizer.pad_token_id) for s, ex in held_out.items()}
+    periodic_split = next(iter(held_out), None)
+
+    ref = ganpo.make_reference(policy)  # frozen copy of the initial policy, before any update
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.config.use_cache = False
+    policy.train()
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    discs, disc_opt = None, None
+    if cfg.adv_weight > 0:  # with λ = 0 nothing adversarial is built, so the run is exactly the base loss
+        discs = ganpo.build_discriminators(policy.config.hidden_size, d_disc=cfg.disc_dim, n_layers=cfg.disc_layers,
+                                           n_heads=cfg.disc_heads).to(device)
+        disc_opt = torch.optim.AdamW(discs.parameters(), lr=cfg.lr * cfg.disc_lr_ratio, weight_decay=0.01)
+    ema = {}
+    loss_cfg = ganpo.LossConfig(loss=cfg.loss, beta=cfg.beta, gamma=cfg.gamma, label_smoothing=cfg.label_smoothing,
+                                adv_weight=cfg.adv_weight, disc_tokens=cfg.disc_tokens, ema_decay=cfg.ema_decay)
+
+    # --- resume: every piece of state that the next step depends on
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    start = 0
+    if cfg.resume:
+        policy.load_state_dict(state["policy"])
+        policy_opt.load_state_dict(state["policy_opt"])
+        if discs is not None:
+            discs.load_state_dict(state["discs"])
+            disc_opt.load_state_dict(state["disc_opt"])
+        ema = {k: torch.tensor(v) for k, v in state["ema"].items()}
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if device == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        start = state["step"]
+        # drop metrics logged after the checkpoint (they will be logged again)
+        with open(metrics_path) as f:
+            kept = [line for line in f if json.loads(line)["step"] < start]
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics_path + ".tmp", metrics_path)
+        print(f"resumed from step {start}")
+        del state
+
+    def save(step):
+        atomic_torch_save({"step": step, "config": asdict(cfg), "policy": policy.state_dict(),
+                           "policy_opt": policy_opt.state_dict(),
+                           "discs": discs.state_dict() if discs is not None else None,
+                           "disc_opt": disc_opt.state_dict() if disc_opt is not None else None,
+                           "ema": {k: float(v) for k, v in ema.items()},
+                           "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                   "cuda": torch.cuda.get_rng_state() if device == "cuda" else None}},
+                          ckpt_path)
+        save_policy(policy, tokenizer, cfg.output_dir)
+
+    def log(record):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    stop = {"signal": None}
+
+    def request_stop(signum, frame):  # finish the current step, save, exit cleanly
+        stop["signal"] = signal.Signals(signum).name
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    # --- the loop: max_steps + 1 passes, so the last one evaluates and saves without training
+    bar = tqdm(range(start, cfg.max_steps + 1), initial=start, total=cfg.max_steps + 1, desc="ganpo", dynamic_ncols=True)
+    for step in bar:
+        last = step == cfg.max_steps
+        if last or (cfg.eval_every and step % cfg.eval_every == 0 and step > start):
+            policy.eval()
+            splits = held_out if last else {periodic_split: held_out.get(periodic_split, [])}
+            for name, batches in splits.items():
+                batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+                result = ganpo.evaluate(policy, ref, batches, loss_cfg, autocast)
+                log({"step": step, "split": name, **{f"eval/{k}": v for k, v in result.items()}})
+                tqdm.write(f"eval {name} step {step} | loss {result['opo/loss']:.4f} | "
+                           f"acc {result['rewards/accuracies']:.3f} | margin {result['rewards/margins']:.3f} | "
+                           f"chosen {result['rewards/chosen']:.3f} | rejected {result['rewards/rejected']:.3f}")
+            policy.train()
+        if last:
+            break
+
+        # --- one optimizer step (SPEC §6): grad_accum micro-batches, then one step of each optimizer
+        lr = ganpo.cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps)
+        for group in policy_opt.param_groups:
+            group["lr"] = lr
+        if disc_opt is not None:  # same schedule, scaled (reference code: half the policy lr)
+            for group in disc_opt.param_groups:
+                group["lr"] = lr * cfg.disc_lr_ratio
+        idx = pairs_for_step(step, len(train), cfg.batch_size, cfg.seed)
+        micro_batches = [{k: v.to(device) for k, v in ganpo.collate([train[i] for i in idx[j:j + micro]],
+                                                                  tokenizer.pad_token_id).items()}
+                         for j in range(0, cfg.batch_size, micro)]
+        t0 = time.time()
+        m = ganpo.ganpo_step(policy, ref, discs, policy_opt, disc_opt, micro_batches, loss_cfg, ema, autocast,
+                             cfg.max_grad_norm)
+        dt = time.time() - t0
+        m.update({"step": step, "lr": lr, "step_time": dt, "tokens_per_s": m["tokens"] / dt})
+        log(m)
+        if not math.isfinite(m["loss"]):
+            fail(f"loss became {m['loss']} at step {step}; try a lower --lr or --dtype fp32 (last checkpoint kept)")
+        bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['rewards/accuracies']:.2f}")
+        if step % cfg.log_every == 0:
+            adv = f" | d_loss {m['disc/loss']:.3f} | g_loss {m['gen/loss']:.3f} | d_acc {m['disc/accuracy']:.2f}" if discs else ""
+            tqdm.write(f"step {step} | loss {m['loss']:.4f} | acc {m['rewards/accuracies']:.2f} | "
+                       f"margin {m['rewards/margins']:.3f} | logps w/l {m['logps/chosen']:.1f}/{m['logps/rejected']:.1f}"
+                       f"{adv} | lr {lr:.2e} | {dt:.2f}s | {m['tokens_per_s']:.0f} tok/s")
+        if ((step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps) or stop["signal"]:
+            save(step + 1)
+        if stop["signal"]:
+            tqdm.write(f"{stop['signal']}: saved step {step + 1} to {cfg.output_dir}; continue with --resume")
+            return
+    save(cfg.max_steps)
+    print(f"done: policy saved to {cfg.output_dir} (transformers.AutoModelForCausalLM.from_pretrained loads it)")
+
+
+if __name__ == "__main__":
+    main()
