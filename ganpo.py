@@ -525,20 +525,31 @@ def ganpo_step(policy, ref, discs, policy_opt, disc_opt, micro_batches, cfg, ema
     return {k: float(v) for k, v in metrics.items()}
 
 
+def mean_pool(hidden, mask):
+    """(B, T, d), (B, T) -> (B, d): mean over the tokens the mask keeps, in float32."""
+    m = mask.unsqueeze(-1).float()
+    return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 @torch.no_grad()
-def evaluate(policy, ref, batches, cfg, autocast):
-    """Preference metrics on held-out batches, averaged over pairs (no discriminators involved)."""
-    sums, n = {}, 0
+def evaluate(policy, ref, batches, cfg, autocast, latents=False):
+    """Preference metrics on held-out batches, averaged over pairs (no discriminators involved).
+    With latents=True also returns {"policy", "ref"}: mean-pooled last-layer states (2·pairs, d)."""
+    sums, n, pooled = {}, 0, {"policy": [], "ref": []}
     for batch in batches:
         with autocast():
-            policy_logps, n_tokens, _ = forward_logps_and_hidden(policy, batch)
-            ref_logps, _, _ = forward_logps_and_hidden(ref, batch)
+            policy_logps, n_tokens, policy_hidden = forward_logps_and_hidden(policy, batch)
+            ref_logps, _, ref_hidden = forward_logps_and_hidden(ref, batch)
         losses = opo_loss(cfg, policy_logps, ref_logps, n_tokens)
         B = losses.shape[0]
         for k, v in preference_metrics(policy_logps, ref_logps, n_tokens, cfg.beta, losses).items():
             sums[k] = sums.get(k, 0.0) + float(v) * B
         n += B
-    return {k: v / n for k, v in sums.items()}
+        if latents:
+            pooled["policy"].append(mean_pool(policy_hidden, batch["attention_mask"]))
+            pooled["ref"].append(mean_pool(ref_hidden, batch["attention_mask"]))
+    result = {k: v / n for k, v in sums.items()}
+    return (result, {k: torch.cat(v) for k, v in pooled.items()}) if latents else result
 
 
 def cosine_lr(step, max_steps, lr, warmup_steps, min_lr_ratio=0.1):

@@ -221,6 +221,8 @@ def main():
 
     # --- resume: every piece of state that the next step depends on
     os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as f:  # eval.py reads it
+        json.dump(asdict(cfg), f, indent=1)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     start = 0
     if cfg.resume:

@@ -1,0 +1,313 @@
+"""Measure what GANPO changes: held-out preferences, latent drift, and generations under noise and shift.
+
+    python eval.py                                   # the default run (out/ganpo-smollm2) on test and shift
+    python eval.py out/dpo out/ganpo --limit 32      # runs side by side
+    python eval.py --help
+
+For each run folder (a train.py output) the reference is rebuilt from the run's --model, exactly
+as train.py built it. Per split it reports
+  - preferences: the TRL-named metrics from ganpo.evaluate, the function train.py evaluates with;
+  - latent drift: policy vs reference mean-pooled last-layer states on the held-out sequences
+    (cosine similarity, RBF-kernel MMD², and a fresh linear probe's held-out accuracy; the trained
+    discriminators are never used, since they are part of what is judged);
+  - generations at each temperature: reward, win rate against the reference's samples, length,
+    distinct-2, share of degenerate (looping) samples, and a sampled KL estimate.
+"""
+import json
+import os
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import HfArgumentParser
+
+import ganpo
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # evaluation runs in float32 throughout
+
+@dataclass
+class EvalConfig:
+    runs: list[str] = field(default_factory=lambda: ["out/ganpo-smollm2"], metadata={"help": "run folders (train.py --output_dir)"})
+    data: str = field(default="", metadata={"help": "held-out data (default: the run's --data)"})
+    split: str = field(default="test,shift", metadata={"help": "comma list of splits (bundled: test, shift)"})
+    limit: int = field(default=0, metadata={"help": "first N pairs per split for preferences/latents (0 = all)"})
+    gen_prompts: int = field(default=12, metadata={"help": "prompts per split for generation"})
+    temperatures: str = field(default="0.7,1.0,1.5", metadata={"help": "sampling temperatures (high = the paper's noise)"})
+    samples: int = field(default=2, metadata={"help": "samples per prompt, model and temperature"})
+    max_new_tokens: int = field(default=48, metadata={"help": "length cap of each sample"})
+    reward_model: str = field(default="", metadata={"help": "HF sequence-classification reward model (default: VADER)"})
+    batch_size: int = field(default=8, metadata={"help": "pairs per forward for preferences"})
+    seed: int = field(default=0, metadata={"help": "seeds sampling and the probe"})
+    out: str = field(default="", metadata={"help": "JSON path (default: RUN/eval.json for one run, eval.json for several)"})
+    plot: str = field(default="", metadata={"help": "PNG path (default: next to --out); needs matplotlib"})
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------- latent drift
+
+def rbf_mmd2(x, y):
+    """Unbiased MMD² between samples x (n, d) and y (m, d), RBF kernel with the median-distance bandwidth."""
+    z = torch.cat([x, y]).double()
+    d2 = torch.cdist(z, z).pow(2)
+    bandwidth = d2[d2 > 0].median() if (d2 > 0).any() else torch.tensor(1.0, dtype=torch.float64)
+    k = torch.exp(-d2 / bandwidth)
+    n, m = len(x), len(y)
+    kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
+    return float((kxx.sum() - kxx.diag().sum()) / (n * (n - 1)) + (kyy.sum() - kyy.diag().sum()) / (m * (m - 1))
+                 - 2 * kxy.mean())
+
+
+def probe_accuracy(policy_latents, ref_latents, seed, steps=300):
+    """Held-out accuracy of a fresh logistic-regression probe telling policy from reference latents.
+
+    Sequences are split in halves (both latents of a sequence on the same side, so nothing leaks);
+    0.5 = indistinguishable, 1.0 = perfectly separable."""
+    n = len(policy_latents)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    train_idx, test_idx = perm[: n // 2], perm[n // 2:]
+
+    def xy(idx):
+        return (torch.cat([policy_latents[idx], ref_latents[idx]]).double(),
+                torch.cat([torch.ones(len(idx)), torch.zeros(len(idx))]).double())
+    x_train, y_train = xy(train_idx)
+    x_test, y_test = xy(test_idx)
+    mu, sd = x_train.mean(0), x_train.std(0).clamp(min=1e-6)
+    x_train, x_test = (x_train - mu) / sd, (x_test - mu) / sd
+    w = torch.zeros(x_train.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x_train @ w + b, y_train) + 1e-3 * w.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    with torch.no_grad():
+        logits = x_test @ w + b
+    # a tie (identical latents) is a coin flip: count it as half right
+    correct = torch.where(logits == 0, 0.5, ((logits > 0).double() == y_test).double())
+    return float(correct.mean())
+
+
+def latent_drift(latents, seed):
+    p, r = latents["policy"], latents["ref"]
+    return {"latent/cosine": float(torch.nn.functional.cosine_similarity(p, r, dim=-1).mean()),
+            "latent/mmd2": rbf_mmd2(p, r), "latent/probe_accuracy": probe_accuracy(p, r, seed)}
+
+
+# ----------------------------------------------------------------------------------- generations
+
+def distinct_2(texts):
+    bigrams = [tuple(t.split()[i:i + 2]) for t in texts for i in range(max(len(t.split()) - 1, 0))]
+    return len(set(bigrams)) / max(len(bigrams), 1)
+
+
+def is_degenerate(text, n=3, repeats=3):
+    """A sample loops if some word n-gram occurs at least `repeats` times."""
+    words = text.split()
+    counts = {}
+    for i in range(len(words) - n + 1):
+        g = tuple(words[i:i + n])
+        counts[g] = counts.get(g, 0) + 1
+    return any(c >= repeats for c in counts.values())
+
+
+def make_scorer(reward_model):
+    """texts -> rewards. VADER compound sentiment (the bundled task's ground truth) or a HF reward model."""
+    if not reward_model:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        analyzer = SentimentIntensityAnalyzer()
+        return lambda prompts, texts: [analyzer.polarity_scores(t)["compound"] for t in texts]
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(reward_model)
+        rm = AutoModelForSequenceClassification.from_pretrained(reward_model).eval()
+    except (OSError, ValueError) as e:
+        fail(f"--reward_model {reward_model}: cannot load it ({type(e).__name__})")
+
+    @torch.no_grad()
+    def score(prompts, texts):
+        convs = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
+        enc = [tok.apply_chat_template(c, tokenize=False) if tok.chat_template else c[-2]["content"] + "\n" + t
+               for c, t in zip(convs, texts)]
+        out = []
+        for i in range(0, len(enc), 8):
+            batch = tok(enc[i:i + 8], return_tensors="pt", padding=True, truncation=True, max_length=1024)
+            out += rm(**batch).logits[:, 0].float().tolist()
+        return out
+    return score
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts, temperature, k, max_new_tokens, seed):
+    """K samples per prompt (lists of messages), batched with left padding -> (texts, completion ids)."""
+    tokenizer.padding_side = "left"  # generation continues from the last column, so pad on the left
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(DEVICE)
+    torch.manual_seed(seed)
+    out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                         max_new_tokens=max_new_tokens, num_return_sequences=k, pad_token_id=tokenizer.pad_token_id)
+    tokenizer.padding_side = "right"
+    new = out[:, enc["input_ids"].shape[1]:]
+    ids = []
+    for row in new.tolist():  # keep up to and including the first end-of-turn / EOS
+        cut = next((i + 1 for i, t in enumerate(row) if t in (tokenizer.eos_token_id, tokenizer.pad_token_id)), len(row))
+        ids.append(row[:cut])
+    return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids], ids
+
+
+@torch.no_grad()
+def sequence_logps(model, tokenizer, prompts, completion_ids):
+    """Summed log-probs of given completion token ids after each chat prompt (one per row)."""
+    examples = []
+    for p, c in zip(prompts, completion_ids):
+        prompt_ids = tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                               add_special_tokens=False)["input_ids"]
+        examples.append({"prompt": prompt_ids, "chosen": c or [tokenizer.eos_token_id]})
+    out = []
+    for i in range(0, len(examples), 8):
+        chunk = examples[i:i + 8]
+        batch = ganpo.collate([{**e, "rejected": e["chosen"]} for e in chunk], tokenizer.pad_token_id)
+        batch = {k: v.to(DEVICE) for k, v in batch.items()}
+        logps, _, _ = ganpo.forward_logps_and_hidden(model, batch)
+        out += logps[:len(chunk)].tolist()
+    return out
+
+
+def generation_metrics(policy, ref, tokenizer, prompts, temperature, cfg, score):
+    rep = [p for p in prompts for _ in range(cfg.samples)]  # generate() repeats each prompt k times in order
+    pol_texts, pol_ids = sample(policy, tokenizer, prompts, temperature, cfg.samples, cfg.max_new_tokens, cfg.seed)
+    ref_texts, ref_ids = sample(ref, tokenizer, prompts, temperature, cfg.samples, cfg.max_new_tokens, cfg.seed)
+    pol_r, ref_r = score(rep, pol_texts), score(rep, ref_texts)
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(pol_r, ref_r)]
+    # KL(π_θ‖π_ref) ≈ E_{y~π_θ}[log π_θ(y|x) − log π_ref(y|x)], both models untempered; exact in expectation at T=1
+    kl = [a - b for a, b in zip(sequence_logps(policy, tokenizer, rep, pol_ids), sequence_logps(ref, tokenizer, rep, pol_ids))]
+    n = len(pol_texts)
+    return {"reward": sum(pol_r) / n, "ref_reward": sum(ref_r) / n, "win_rate": sum(wins) / n,
+            "length": sum(len(i) for i in pol_ids) / n, "ref_length": sum(len(i) for i in ref_ids) / n,
+            "distinct_2": distinct_2(pol_texts), "degenerate": sum(map(is_degenerate, pol_texts)) / n,
+            "kl": sum(kl) / n, "example": pol_texts[0]}
+
+
+# ------------------------------------------------------------------------------------------ main
+
+def evaluate_run(run, cfg, score):
+    path = os.path.join(run, "run_config.json")
+    if not os.path.isfile(path):
+        fail(f"{run}: no run_config.json (not a train.py output folder)")
+    with open(path) as f:
+        train_cfg = json.load(f)
+    tokenizer = ganpo.load_tokenizer(train_cfg["model"])
+    try:
+        from transformers import AutoModelForCausalLM
+        policy = ganpo.disable_dropout(AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32)).eval().to(DEVICE)
+    except (OSError, ValueError) as e:
+        fail(f"{run}: cannot load the saved policy ({type(e).__name__})")
+    ref = ganpo.make_reference(ganpo.load_policy(train_cfg["model"], tokenizer, train_cfg["seed"]).to(DEVICE))
+    loss_cfg = ganpo.LossConfig(loss=train_cfg["loss"], beta=train_cfg["beta"], gamma=train_cfg["gamma"],
+                                label_smoothing=train_cfg["label_smoothing"], adv_weight=train_cfg["adv_weight"])
+    data = cfg.data or train_cfg["data"]
+    result = {"run": run, "train_config": train_cfg, "splits": {}}
+    for split in [s for s in cfg.split.split(",") if s]:
+        try:
+            rows = ganpo.read_rows(data, split)
+        except ValueError as e:
+            fail(str(e))
+        rows = rows[:cfg.limit] if cfg.limit else rows
+        examples, dropped = ganpo.tokenize_rows(rows, tokenizer, train_cfg["max_length"], train_cfg["max_prompt_length"])
+        if not examples:
+            fail(f"--data {data} [{split}]: no pairs left after truncation")
+        batches = [ganpo.collate(examples[i:i + cfg.batch_size], tokenizer.pad_token_id)
+                   for i in range(0, len(examples), cfg.batch_size)]
+        batches = [{k: v.to(DEVICE) for k, v in b.items()} for b in batches]
+        prefs, latents = ganpo.evaluate(policy, ref, batches, loss_cfg, nullcontext, latents=True)
+        latents = {k: v.cpu() for k, v in latents.items()}
+        split_result = {"pairs": len(examples), "dropped": dropped, **prefs, **latent_drift(latents, cfg.seed),
+                        "generation": {}}
+        prompts = [r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
+                   for r in rows[:cfg.gen_prompts]]
+        for t in [float(x) for x in cfg.temperatures.split(",") if x]:
+            split_result["generation"][str(t)] = generation_metrics(policy, ref, tokenizer, prompts, t, cfg, score)
+        result["splits"][split] = split_result
+    return result
+
+
+def print_table(results):
+    names = [os.path.basename(os.path.normpath(r["run"])) for r in results]
+    splits = list(results[0]["splits"])
+    rows = [("pairs", "pairs", "{:.0f}"), ("rewards/accuracies", "pref accuracy", "{:.3f}"),
+            ("rewards/margins", "reward margin", "{:.3f}"), ("opo/loss", "loss", "{:.4f}"),
+            ("latent/cosine", "latent cosine", "{:.4f}"), ("latent/mmd2", "latent MMD²", "{:.4f}"),
+            ("latent/probe_accuracy", "probe accuracy", "{:.3f}")]
+    gen_rows = [("reward", "reward"), ("win_rate", "win rate vs ref"), ("kl", "KL estimate"),
+                ("length", "length (tokens)"), ("distinct_2", "distinct-2"), ("degenerate", "degenerate share")]
+    width = max(14, *(len(n) for n in names))
+    for split in splits:
+        print(f"\n== {split} ==")
+        print(f"{'':<24}" + "".join(f"{n:>{width + 2}}" for n in names))
+        for key, label, fmt in rows:
+            print(f"{label:<24}" + "".join(f"{fmt.format(r['splits'][split][key]):>{width + 2}}" for r in results))
+        for t in results[0]["splits"][split]["generation"]:
+            for key, label in gen_rows:
+                print(f"{label + ' @T=' + t:<24}" + "".join(
+                    f"{r['splits'][split]['generation'][t][key]:>{width + 2}.3f}" for r in results))
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    splits = list(results[0]["splits"])
+    fig, axes = plt.subplots(2, len(splits), figsize=(5 * len(splits), 8), squeeze=False)
+    for j, split in enumerate(splits):
+        for r in results:
+            name = os.path.basename(os.path.normpath(r["run"]))
+            gen = r["splits"][split]["generation"]
+            temps = [float(t) for t in gen]
+            axes[0][j].plot([gen[t]["kl"] for t in gen], [gen[t]["reward"] for t in gen], "o-", label=name)
+            axes[1][j].plot(temps, [gen[t]["reward"] for t in gen], "o-", label=name)
+        first = results[0]["splits"][split]["generation"]
+        axes[1][j].plot([float(t) for t in first], [first[t]["ref_reward"] for t in first], "k--", label="reference")
+        axes[0][j].set(title=f"{split}: reward vs KL", xlabel="sampled KL(policy‖ref)", ylabel="mean reward")
+        axes[1][j].set(title=f"{split}: reward vs temperature", xlabel="temperature", ylabel="mean reward")
+        axes[0][j].legend()
+        axes[1][j].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"plot: {path}")
+
+
+def main():
+    parser = HfArgumentParser(EvalConfig)
+    args = sys.argv[1:]
+    runs = []
+    while args and not args[0].startswith("-"):  # positional run folders
+        runs.append(args.pop(0))
+    cfg = parser.parse_args_into_dataclasses(args=args)[0]
+    cfg.runs = runs or cfg.runs
+    for run in cfg.runs:
+        if not os.path.isdir(run):
+            fail(f"{run}: no such run folder (train.py --output_dir)")
+    score = make_scorer(cfg.reward_model)
+    results = [evaluate_run(run, cfg, score) for run in cfg.runs]
+    print_table(results)
+    out = cfg.out or (os.path.join(cfg.runs[0], "eval.json") if len(cfg.runs) == 1 else "eval.json")
+    with open(out + ".tmp", "w") as f:
+        json.dump({"settings": asdict(cfg), "results": results}, f, indent=1)
+    os.replace(out + ".tmp", out)
+    print(f"\nwrote {out}")
+    plot(results, cfg.plot or os.path.splitext(out)[0] + ".png")
+
+
+if __name__ == "__main__":
+    main()
