@@ -31,7 +31,7 @@ class EvalConfig:
     runs: list[str] = field(default_factory=lambda: ["out/ganpo-smollm2"], metadata={"help": "run folders (train.py --output_dir)"})
     data: str = field(default="", metadata={"help": "held-out data (default: the run's --data)"})
     split: str = field(default="test,shift", metadata={"help": "comma list of splits (bundled: test, shift)"})
-    limit: int = field(default=0, metadata={"help": "first N pairs per split for preferences/latents (0 = all)"})
+    limit: int = field(default=100, metadata={"help": "first N pairs (and at most N prompts) per split (0 = all)"})
     gen_prompts: int = field(default=12, metadata={"help": "prompts per split for generation"})
     temperatures: str = field(default="0.7,1.0,1.5", metadata={"help": "sampling temperatures (high = the paper's noise)"})
     samples: int = field(default=2, metadata={"help": "samples per prompt, model and temperature"})
@@ -51,15 +51,14 @@ def fail(message):
 # ---------------------------------------------------------------------------------- latent drift
 
 def rbf_mmd2(x, y):
-    """Unbiased MMD² between samples x (n, d) and y (m, d), RBF kernel with the median-distance bandwidth."""
+    """MMD² between samples x (n, d) and y (m, d): RBF kernel, median-distance bandwidth, biased
+    (V-statistic) estimate, so it is ≥ 0 and exactly 0 when the two sets coincide."""
     z = torch.cat([x, y]).double()
     d2 = torch.cdist(z, z).pow(2)
     bandwidth = d2[d2 > 0].median() if (d2 > 0).any() else torch.tensor(1.0, dtype=torch.float64)
     k = torch.exp(-d2 / bandwidth)
-    n, m = len(x), len(y)
-    kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
-    return float((kxx.sum() - kxx.diag().sum()) / (n * (n - 1)) + (kyy.sum() - kyy.diag().sum()) / (m * (m - 1))
-                 - 2 * kxy.mean())
+    n = len(x)
+    return float(k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean())
 
 
 def probe_accuracy(policy_latents, ref_latents, seed, steps=300):
@@ -163,20 +162,15 @@ def sample(model, tokenizer, prompts, temperature, k, max_new_tokens, seed):
 
 
 @torch.no_grad()
-def sequence_logps(model, tokenizer, prompts, completion_ids):
+def sequence_logps(model, tokenizer, prompts, completion_ids, batch_size=16):
     """Summed log-probs of given completion token ids after each chat prompt (one per row)."""
-    examples = []
-    for p, c in zip(prompts, completion_ids):
-        prompt_ids = tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
-                               add_special_tokens=False)["input_ids"]
-        examples.append({"prompt": prompt_ids, "chosen": c or [tokenizer.eos_token_id]})
+    prompt_ids = [tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                            add_special_tokens=False)["input_ids"] for p in prompts]
     out = []
-    for i in range(0, len(examples), 8):
-        chunk = examples[i:i + 8]
-        batch = ganpo.collate([{**e, "rejected": e["chosen"]} for e in chunk], tokenizer.pad_token_id)
-        batch = {k: v.to(DEVICE) for k, v in batch.items()}
-        logps, _, _ = ganpo.forward_logps_and_hidden(model, batch)
-        out += logps[:len(chunk)].tolist()
+    for i in range(0, len(prompts), batch_size):
+        batch = ganpo.pad_right(prompt_ids[i:i + batch_size], completion_ids[i:i + batch_size], tokenizer.pad_token_id)
+        logps, _, _ = ganpo.forward_logps_and_hidden(model, {k: v.to(DEVICE) for k, v in batch.items()})
+        out += logps.tolist()
     return out
 
 
@@ -231,7 +225,7 @@ def evaluate_run(run, cfg, score):
         split_result = {"pairs": len(examples), "dropped": dropped, **prefs, **latent_drift(latents, cfg.seed),
                         "generation": {}}
         prompts = [r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
-                   for r in rows[:cfg.gen_prompts]]
+                   for r in rows[:min(cfg.gen_prompts, len(rows))]]
         for t in [float(x) for x in cfg.temperatures.split(",") if x]:
             split_result["generation"][str(t)] = generation_metrics(policy, ref, tokenizer, prompts, t, cfg, score)
         result["splits"][split] = split_result

@@ -266,16 +266,21 @@ def tokenize_rows(rows, tokenizer, max_length, max_prompt_length):
 def collate(examples, pad_id):
     """[chosen rows; rejected rows], right-padded with explicit masks (never `ids != pad_id`:
     pad is often EOS, and the EOS that ends a completion must be scored)."""
-    seqs = [e["prompt"] + e["chosen"] for e in examples] + [e["prompt"] + e["rejected"] for e in examples]
-    n_prompt = [len(e["prompt"]) for e in examples] * 2
+    prompts = [e["prompt"] for e in examples] * 2
+    return pad_right(prompts, [e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
+
+
+def pad_right(prompts, completions, pad_id):
+    """Rows prompt + completion, right-padded -> input_ids, attention_mask, completion_mask (all (N, T))."""
+    seqs = [p + c for p, c in zip(prompts, completions)]
     T = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), T), dtype=torch.bool)
     completion_mask = torch.zeros((len(seqs), T), dtype=torch.bool)
-    for i, (s, p) in enumerate(zip(seqs, n_prompt)):
+    for i, (s, p) in enumerate(zip(seqs, prompts)):
         input_ids[i, :len(s)] = torch.tensor(s)
         attention_mask[i, :len(s)] = True
-        completion_mask[i, p:len(s)] = True
+        completion_mask[i, len(p):len(s)] = True
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
@@ -532,14 +537,19 @@ def mean_pool(hidden, mask):
 
 
 @torch.no_grad()
-def evaluate(policy, ref, batches, cfg, autocast, latents=False):
+def evaluate(policy, ref, batches, cfg, autocast, latents=False, ref_cache=None):
     """Preference metrics on held-out batches, averaged over pairs (no discriminators involved).
-    With latents=True also returns {"policy", "ref"}: mean-pooled last-layer states (2·pairs, d)."""
+    With latents=True also returns {"policy", "ref"}: mean-pooled last-layer states (2·pairs, d).
+    ref_cache: a dict kept between calls; the reference never changes, so its log-probs are computed once."""
     sums, n, pooled = {}, 0, {"policy": [], "ref": []}
-    for batch in batches:
+    for i, batch in enumerate(batches):
         with autocast():
             policy_logps, n_tokens, policy_hidden = forward_logps_and_hidden(policy, batch)
-            ref_logps, _, ref_hidden = forward_logps_and_hidden(ref, batch)
+            if latents or ref_cache is None or i not in ref_cache:
+                ref_logps, _, ref_hidden = forward_logps_and_hidden(ref, batch)
+                if ref_cache is not None:
+                    ref_cache[i] = ref_logps
+            ref_logps = ref_cache[i] if ref_cache is not None else ref_logps
         losses = opo_loss(cfg, policy_logps, ref_logps, n_tokens)
         B = losses.shape[0]
         for k, v in preference_metrics(policy_logps, ref_logps, n_tokens, cfg.beta, losses).items():

@@ -326,53 +326,71 @@ def run_train(args, **kw):
                           env=env, cwd=HERE, timeout=300, **kw)
 
 
-def test_train_script_runs_tiny_model_and_writes_a_loadable_policy_and_metrics(tmp_path, data_file):
-    out = tmp_path / "run"
-    r = run_train([*TINY_FLAGS, "--data", data_file, "--output_dir", str(out), "--max_steps", "3", "--eval_every", "2"])
+RUN_FLAGS = [*TINY_FLAGS, "--max_steps", "6", "--eval_every", "3", "--save_every", "100", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_file):
+    """One tiny GANPO run shared by the tests that read its outputs (each subprocess costs seconds)."""
+    out = tmp_path_factory.mktemp("runs") / "trained"
+    r = run_train([*RUN_FLAGS, "--data", data_file, "--output_dir", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "eval held-out step 3" in r.stdout
+    return out, r.stdout
+
+
+@pytest.fixture(scope="session")
+def untrained_run(tmp_path_factory, data_file):
+    """--max_steps 0: the untrained policy, saved; also exercises --label_noise."""
+    out = tmp_path_factory.mktemp("runs") / "untrained"
+    r = run_train([*TINY_FLAGS, "--data", data_file, "--output_dir", str(out), "--max_steps", "0", "--label_noise", "0.25"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out, r.stdout
+
+
+def test_train_script_runs_tiny_model_and_writes_a_loadable_policy_and_metrics(trained_run):
+    out, stdout = trained_run
+    assert "eval held-out step 3" in stdout and "eval held-out step 6" in stdout
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 2
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r for r in records if "split" not in r]
-    assert [r["step"] for r in train_steps] == [0, 1, 2]
+    assert [r["step"] for r in train_steps] == [0, 1, 2, 3, 4, 5]
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected", "disc/loss", "gen/loss", "disc/accuracy", "ema/chosen/real", "policy/grad_norm",
                 "disc/grad_norm", "lr", "tokens_per_s"):
         assert key in train_steps[0], key
     assert train_steps[0]["opo/loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 0
     evals = [r for r in records if r.get("split") == "held-out"]
-    assert [r["step"] for r in evals] == [2, 3]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert evals[-1]["eval/rewards/margins"] > 0  # it learned something about the held-out pairs
     state = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert state["step"] == 3 and set(state["ema"]) == set(ganpo.EMA_KEYS) and state["discs"] is not None
+    assert state["step"] == 6 and set(state["ema"]) == set(ganpo.EMA_KEYS) and state["discs"] is not None
 
 
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path, data_file):
-    flags = [*TINY_FLAGS, "--data", data_file, "--max_steps", "8", "--eval_every", "0", "--save_every", "100"]
-    r = run_train([*flags, "--output_dir", str(tmp_path / "straight")])
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, data_file, trained_run):
+    flags = [*RUN_FLAGS, "--data", data_file]
     # interrupt a second run with SIGINT once it has logged a step, then resume it
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "train.py", *flags, "--output_dir", str(tmp_path / "stopped")], cwd=HERE,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
-        if line.startswith("step 1 "):
+        if "step 1 |" in line:
             proc.send_signal(signal.SIGINT)
             break
     rest = proc.stdout.read()
     assert proc.wait(timeout=120) == 0, rest
     state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
-    assert 2 <= state["step"] < 8, rest  # it stopped early, after finishing a step
+    assert 2 <= state["step"] < 6, rest  # it stopped early, after finishing a step
     r = run_train(["--output_dir", str(tmp_path / "stopped"), "--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resumed from step {state['step']}" in r.stdout
-    a = load_file(tmp_path / "straight" / "model.safetensors")
+    a = load_file(trained_run[0] / "model.safetensors")
     b = load_file(tmp_path / "stopped" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(x)["step"] for x in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()
              if "split" not in json.loads(x)]
-    assert steps == list(range(8))  # each step logged once
+    assert steps == list(range(6))  # each step logged once
 
 
 # ------------------------------------------------------------------------------- bad input
@@ -391,12 +409,15 @@ def run_main(monkeypatch, capsys, args):
     ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n', "bad.jsonl:2: missing field rejected"),
     ('{"prompt": "a", "chosen": 3, "rejected": "c"}\n', "bad.jsonl:1: field chosen must be a string"),
     ('{"prompt": "' + "long " * 300 + '", "chosen": "b", "rejected": "c"}\n', "no pairs left after filtering"),
+    (b"\xff\xfe\x00binary", "cannot read it"),
 ])
 def test_bad_data_gets_one_clear_line_naming_the_file_and_row(tmp_path, monkeypatch, capsys, content, message):
     path = tmp_path / "bad.jsonl"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
-    extra = ["--max_prompt_length", "64"] if "long" in (content or "") else []
+    extra = ["--max_prompt_length", "64"] if "long" in str(content) else []
     code, err = run_main(monkeypatch, capsys, [*TINY_FLAGS, *extra, "--data", str(path),
                                                "--output_dir", str(tmp_path / "out")])
     assert code == 2 and err.startswith("error: ") and message in err and "\n" not in err
@@ -416,11 +437,8 @@ def test_unknown_model_and_existing_run_get_one_clear_line_and_nothing_is_overwr
     assert (out / "checkpoint.pt").read_bytes() == b"precious"
 
 
-def test_label_noise_swaps_a_seeded_fraction_of_training_pairs(tmp_path, data_file, monkeypatch, capsys):
-    r = run_train([*TINY_FLAGS, "--data", data_file, "--output_dir", str(tmp_path / "n"), "--max_steps", "0",
-                   "--label_noise", "0.25"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "label noise: swapped 9 of 36 training pairs" in r.stdout  # 40 rows, last 10% held out
+def test_label_noise_swaps_a_seeded_fraction_of_training_pairs(untrained_run):
+    assert "label noise: swapped 9 of 36 training pairs" in untrained_run[1]  # 40 rows, last 10% held out
 
 
 # ---------------------------------------------------------------------------------- bundled data
@@ -437,3 +455,59 @@ def test_bundled_data_has_the_promised_splits_counts_and_gaps():
     assert len(cats["shift"]) >= 2 and not cats["shift"] & cats["train"]
     train_prompts = {r["prompt"][0]["content"] for r in ganpo.read_rows("bundled", "train")}
     assert not train_prompts & {r["prompt"][0]["content"] for r in ganpo.read_rows("bundled", "test")}
+
+
+# ------------------------------------------------------------------------------------ eval.py
+
+def test_eval_of_an_untrained_policy_gives_zero_rewards_zero_kl_and_a_chance_probe(untrained_run, data_file):
+    import eval as ev
+    out = untrained_run[0]
+    cfg = ev.EvalConfig(runs=[str(out)], data=data_file, split="x", limit=12, gen_prompts=2, samples=2,
+                        temperatures="1.0", max_new_tokens=8)
+    res = ev.evaluate_run(str(out), cfg, ev.make_scorer(""))["splits"]["x"]
+    assert res["rewards/chosen"] == 0 and res["rewards/margins"] == 0
+    assert res["latent/cosine"] == pytest.approx(1.0, abs=1e-6) and res["latent/mmd2"] == pytest.approx(0, abs=1e-9)
+    assert res["latent/probe_accuracy"] == 0.5
+    gen = res["generation"]["1.0"]
+    assert gen["kl"] == pytest.approx(0, abs=1e-5) and gen["win_rate"] == 0.5  # same seed, same model: same samples
+
+
+def test_probe_and_kl_detect_a_deliberately_shifted_policy(tokenizer):
+    import eval as ev
+    policy = tiny_policy(tokenizer)
+    ref = ganpo.make_reference(policy)
+    with torch.no_grad():
+        policy.model.norm.weight.mul_(1.5)  # scale the final norm: latents move, logits sharpen
+        policy.model.norm.weight.add_(0.3 * torch.randn_like(policy.model.norm.weight))
+    batch = batch_of(tokenizer, make_rows(16))
+    _, latents = ganpo.evaluate(policy, ref, [batch], ganpo.LossConfig(), nullcontext, latents=True)
+    drift = ev.latent_drift(latents, seed=0)
+    assert drift["latent/probe_accuracy"] > 0.9 and drift["latent/mmd2"] > 0.01
+    cfg = ev.EvalConfig(samples=2, max_new_tokens=8)
+    gen = ev.generation_metrics(policy.eval(), ref, tokenizer, [r["prompt"] for r in make_rows(3)], 1.0, cfg,
+                                ev.make_scorer(""))
+    assert gen["kl"] > 0.05
+
+
+def test_eval_preference_metrics_equal_the_training_time_evaluation(tmp_path, trained_run):
+    import eval as ev
+    out = trained_run[0]
+    final = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    held_out = str(tmp_path / "held.jsonl")  # train.py held out the file's last 10% (4 of 40 rows)
+    with open(held_out, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in make_rows(40)[36:])
+    cfg = ev.EvalConfig(runs=[str(out)], data=held_out, split="x", gen_prompts=0, temperatures="", batch_size=4)
+    res = ev.evaluate_run(str(out), cfg, None)["splits"]["x"]
+    for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "logps/chosen", "opo/loss"):
+        assert res[key] == pytest.approx(final[f"eval/{key}"], rel=1e-5, abs=1e-6), key
+    assert abs(res["rewards/margins"]) > 1e-4  # the run really moved
+
+
+def test_generation_is_reproducible_for_a_fixed_seed(tokenizer):
+    import eval as ev
+    policy = tiny_policy(tokenizer).eval()
+    prompts = [r["prompt"] for r in make_rows(2)]
+    a = ev.sample(policy, tokenizer, prompts, 1.0, 2, 8, seed=3)
+    b = ev.sample(policy, tokenizer, prompts, 1.0, 2, 8, seed=3)
+    c = ev.sample(policy, tokenizer, prompts, 1.0, 2, 8, seed=4)
+    assert a == b and a != c

@@ -1,6 +1,6 @@
 """Train a causal LM with GANPO (or plain DPO/SimPO/IPO with --adv_weight 0).
 
-    python train.py                                  # SmolLM2-135M on the bundled data, CPU, ~12 min
+    python train.py                                  # SmolLM2-135M on the bundled data, 2 CPU cores, ~14 min
     python train.py --model tiny --max_steps 5       # smoke test in seconds
     python train.py --help                           # every flag
 
@@ -33,17 +33,17 @@ class Config:
     train_split: str = field(default="train", metadata={"help": "split to train on (for HF datasets and bundled data)"})
     eval_split: str = field(default="test", metadata={"help": "held-out split, evaluated every --eval_every steps and at the end"})
     eval_data: str = field(default="", metadata={"help": "held-out data, if not --data's --eval_split (a file: default = last 10%% of --data)"})
-    final_eval_splits: str = field(default="auto", metadata={"help": "extra splits scored at the end (comma list; auto = shift for bundled data)"})
-    eval_pairs: int = field(default=0, metadata={"help": "cap on held-out pairs per evaluation (0 = all)"})
+    final_eval_splits: str = field(default="", metadata={"help": "extra splits scored at the end, e.g. shift (comma list)"})
+    eval_pairs: int = field(default=48, metadata={"help": "held-out pairs in each periodic evaluation (0 = all); the final one uses all"})
     output_dir: str = field(default="out/ganpo-smollm2", metadata={"help": "policy (save_pretrained), checkpoint.pt, metrics.jsonl"})
     max_length: int = field(default=128, metadata={"help": "tokens per sequence, prompt + completion"})
     max_prompt_length: int = field(default=64, metadata={"help": "prompt tokens kept (its end) before the completion is cut"})
     # optimisation
-    max_steps: int = field(default=60, metadata={"help": "policy optimizer steps (0 = save the untrained policy)"})
+    max_steps: int = field(default=25, metadata={"help": "policy optimizer steps (0 = save the untrained policy)"})
     batch_size: int = field(default=8, metadata={"help": "preference pairs per optimizer step"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (divides batch_size)"})
-    lr: float = field(default=2e-5, metadata={"help": "peak policy learning rate"})
-    warmup_steps: int = field(default=5, metadata={"help": "linear warmup steps, then cosine decay to lr/10"})
+    lr: float = field(default=5e-5, metadata={"help": "peak policy learning rate (high: the default run is 25 steps)"})
+    warmup_steps: int = field(default=3, metadata={"help": "linear warmup steps, then cosine decay to lr/10"})
     weight_decay: float = field(default=0.0, metadata={"help": "policy AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping for policy and discriminators (0 = off)"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a bf16 GPU, else fp32) | bf16 | fp32"})
@@ -64,7 +64,7 @@ class Config:
     ema_decay: float = field(default=0.9, metadata={"help": "μ of the running means of discriminator logits"})
     # bookkeeping
     log_every: int = field(default=5, metadata={"help": "steps between log lines (metrics.jsonl gets every step)"})
-    eval_every: int = field(default=20, metadata={"help": "steps between held-out evaluations (0 = only at the end)"})
+    eval_every: int = field(default=10, metadata={"help": "steps between held-out evaluations (0 = only at the end)"})
     save_every: int = field(default=50, metadata={"help": "steps between checkpoints (always at the end)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir exactly where it stopped"})
 
@@ -121,13 +121,11 @@ def load_data(cfg, tokenizer):
         train_rows, held = train_rows[:len(train_rows) - n_eval], {"held-out": train_rows[len(train_rows) - n_eval:]}
     else:
         held = {cfg.eval_split: read_split(cfg.data, cfg.eval_split)}
-    extra = ("shift" if cfg.data == "bundled" else "") if cfg.final_eval_splits == "auto" else cfg.final_eval_splits
     if not is_file or cfg.eval_data:
-        for s in [s for s in extra.split(",") if s]:
+        for s in [s for s in cfg.final_eval_splits.split(",") if s]:
             held[s] = read_split(cfg.eval_data or cfg.data, s)
     train = tokenize_split(cfg, tokenizer, train_rows, f"train [{cfg.train_split}]")
     held = {s: tokenize_split(cfg, tokenizer, rows, f"eval [{s}]") for s, rows in held.items() if rows}
-    held = {s: ex[:cfg.eval_pairs] if cfg.eval_pairs else ex for s, ex in held.items()}
     return train, held
 
 
@@ -184,7 +182,8 @@ def main():
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
 
     def autocast():
-        # bf16 autocast keeps float32 master weights; CPUs without bf16 matrix units run it ~4x slower
+        # bf16 autocast keeps float32 master weights; on CPUs without bf16 matrix units (like the 2-core
+        # machine this was written on) bf16 matmuls run ~6x slower than float32, so auto picks fp32 there
         return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16)
 
     random.seed(cfg.seed)
@@ -202,7 +201,9 @@ def main():
         print(f"label noise: swapped {len(flipped)} of {len(train)} training pairs")
     micro = cfg.batch_size // cfg.grad_accum
     held_out = {s: batches_of(ex, micro, tokenizer.pad_token_id) for s, ex in held_out.items()}
-    periodic_split = next(iter(held_out), None)
+    periodic_split = next(iter(held_out), None)  # periodic evaluations use its first --eval_pairs pairs
+    periodic_batches = math.ceil(cfg.eval_pairs / micro) if cfg.eval_pairs else None
+    ref_caches = {}  # split -> {batch index: reference log-probs}
 
     ref = ganpo.make_reference(policy)  # frozen copy of the initial policy, before any update
     if cfg.gradient_checkpointing:
@@ -275,10 +276,10 @@ def main():
         last = step == cfg.max_steps
         if last or (cfg.eval_every and step % cfg.eval_every == 0 and step > start):
             policy.eval()
-            splits = held_out if last else {periodic_split: held_out.get(periodic_split, [])}
+            splits = held_out if last else {periodic_split: held_out[periodic_split][:periodic_batches]}
             for name, batches in splits.items():
                 batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-                result = ganpo.evaluate(policy, ref, batches, loss_cfg, autocast)
+                result = ganpo.evaluate(policy, ref, batches, loss_cfg, autocast, ref_cache=ref_caches.setdefault(name, {}))
                 log({"step": step, "split": name, **{f"eval/{k}": v for k, v in result.items()}})
                 tqdm.write(f"eval {name} step {step} | loss {result['opo/loss']:.4f} | "
                            f"acc {result['rewards/accuracies']:.3f} | margin {result['rewards/margins']:.3f} | "

@@ -167,12 +167,18 @@ def main():
                               "rejected": [{"role": "assistant", "content": r["completions"][lo]}],
                               "score_chosen": r["scores"][hi], "score_rejected": r["scores"][lo],
                               "category": cat})
+    kept = sum(len(rows) for rows in splits.values())
+    print(f"{len(prompts)} prompts x {args.samples} samples -> {kept} pairs kept (gap >= {args.min_gap})")
     for split, rows in splits.items():
         write_jsonl_atomic(os.path.join(HERE, f"{split}.jsonl"), rows)
-        gaps = [r["score_chosen"] - r["score_rejected"] for r in rows]
-        cats = sorted({r["category"] for r in rows})
-        print(f"{split}: {len(rows)} pairs | mean gap {sum(gaps) / max(len(gaps), 1):.3f} | categories {cats}")
-
+        n = max(len(rows), 1)
+        gaps = sorted(r["score_chosen"] - r["score_rejected"] for r in rows)
+        cats = {}
+        for r in rows:
+            cats[r["category"]] = cats.get(r["category"], 0) + 1
+        print(f"{split}: {len(rows)} pairs | VADER chosen {sum(r['score_chosen'] for r in rows) / n:+.3f} "
+              f"rejected {sum(r['score_rejected'] for r in rows) / n:+.3f} | gap mean {sum(gaps) / n:.3f} "
+              f"median {gaps[len(gaps) // 2] if gaps else 0:.3f} | {dict(sorted(cats.items()))}")
 
 if __name__ == "__main__":
     main()
