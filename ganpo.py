@@ -415,8 +415,9 @@ def quad_disc_loss(real, fake, contrast, m_real, m_fake, m_contrast):
 
 
 def generator_loss(fake_chosen, fake_rejected, m_real_chosen, m_real_rejected):
-    """L_G = ½·[BCE(D_w(H_θ^w) − m̄_a, 1) + BCE(D_l(H_θ^l) − m̄_a', 1)]: policy latents should score
-    like the reference's. fake_* are (B,) logits that carry gradient to the policy."""
+    """L_G = ½·[BCE(D_w(H_θ^w) − m̄_a, 1) + BCE(D_l(H_θ^l) − m̄_a', 1)]: the policy's latents should
+    score above the running mean of the reference's. fake_* are (B,) logits that carry gradient to
+    the policy through the frozen discriminators."""
     return 0.5 * (bce(fake_chosen - m_real_chosen, 1) + bce(fake_rejected - m_real_rejected, 1))
 
 

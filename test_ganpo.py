@@ -511,3 +511,60 @@ def test_generation_is_reproducible_for_a_fixed_seed(tokenizer):
     b = ev.sample(policy, tokenizer, prompts, 1.0, 2, 8, seed=3)
     c = ev.sample(policy, tokenizer, prompts, 1.0, 2, 8, seed=4)
     assert a == b and a != c
+
+
+# ------------------------------------------------------------------- more pitfalls (shared/PITFALLS.md)
+
+def test_a_token_merged_across_the_prompt_boundary_moves_to_the_completion(tokenizer):
+    row = {"prompt": "I really like pizz", "chosen": "a with olives", "rejected": "as and pasta"}
+    ex = ganpo.tokenize_row(row, tokenizer, 128, 64)
+    prompt_ids = tokenizer(row["prompt"])["input_ids"]
+    assert ex["boundary_merged"] and ex["prompt"] == prompt_ids[:len(ex["prompt"])] and len(ex["prompt"]) < len(prompt_ids)
+    for k in ("chosen", "rejected"):  # the scored sequence is exactly tokens(prompt + completion + EOS)
+        assert ex["prompt"] + ex[k] == tokenizer(row["prompt"] + row[k] + tokenizer.eos_token)["input_ids"]
+
+
+def test_chat_rows_render_one_system_prompt_and_the_whole_conversation_once(tokenizer):
+    batch = batch_of(tokenizer, make_rows(1))
+    text = tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0]])
+    assert text.count("<|im_start|>system") == 1 and text.count("<|im_start|>assistant") == 1
+
+
+def test_hidden_states_are_the_last_layer_after_the_final_norm_and_logps_are_float32_under_bf16(tokenizer):
+    policy = tiny_policy(tokenizer).eval()
+    batch = batch_of(tokenizer, make_rows(2))
+    with torch.no_grad():
+        _, _, hidden = ganpo.forward_logps_and_hidden(policy, batch)
+        full = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long(),
+                      output_hidden_states=True)
+        torch.testing.assert_close(hidden, full.hidden_states[-1])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logps, _, _ = ganpo.forward_logps_and_hidden(policy, batch, chunk_tokens=5)
+    assert logps.dtype == torch.float32 and torch.isfinite(logps).all()
+    exact, _, _ = ganpo.forward_logps_and_hidden(policy, batch)
+    torch.testing.assert_close(logps, exact, rtol=2e-2, atol=0.5)  # bf16 matmuls, float32 reduction
+
+
+def test_chunked_logps_equal_unchunked_and_simpo_ipo_use_length_averaged_logps(tokenizer):
+    policy = tiny_policy(tokenizer)
+    batch = batch_of(tokenizer, make_rows(2))
+    a, n, _ = ganpo.forward_logps_and_hidden(policy, batch, chunk_tokens=7)
+    b, _, _ = ganpo.forward_logps_and_hidden(policy, batch, chunk_tokens=10_000)
+    torch.testing.assert_close(a, b)
+    ref = a.detach() - 1.0
+    simpo = ganpo.opo_loss(ganpo.LossConfig(loss="simpo", beta=2.0, gamma=0.5), a, ref, n)
+    torch.testing.assert_close(simpo, ganpo.simpo_loss(a[:2] / n[:2], a[2:] / n[2:], 2.0, 0.5))
+    ipo = ganpo.opo_loss(ganpo.LossConfig(loss="ipo", beta=0.1), a, ref, n)
+    torch.testing.assert_close(ipo, ganpo.ipo_loss(a[:2] / n[:2], a[2:] / n[2:], ref[:2] / n[:2], ref[2:] / n[2:], 0.1))
+
+
+def test_reference_is_frozen_and_the_discriminators_step_once_per_optimizer_step(tokenizer):
+    policy, ref, discs, popt, dopt = setup_models(tokenizer)
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+    rows = make_rows(4)
+    ema = {}
+    ganpo.ganpo_step(policy, ref, discs, popt, dopt, [batch_of(tokenizer, rows[:2]), batch_of(tokenizer, rows[2:])],
+                     ganpo.LossConfig(), ema, nullcontext)
+    assert {int(s["step"]) for s in dopt.state.values()} == {1}  # two micro-batches, one discriminator step
+    assert {int(s["step"]) for s in popt.state.values()} == {1}
+    assert set(ema) == set(ganpo.EMA_KEYS)
