@@ -39,10 +39,10 @@ class Config:
     max_length: int = field(default=128, metadata={"help": "tokens per sequence, prompt + completion"})
     max_prompt_length: int = field(default=64, metadata={"help": "prompt tokens kept (its end) before the completion is cut"})
     # optimisation
-    max_steps: int = field(default=25, metadata={"help": "policy optimizer steps (0 = save the untrained policy)"})
+    max_steps: int = field(default=32, metadata={"help": "policy optimizer steps (0 = save the untrained policy)"})
     batch_size: int = field(default=8, metadata={"help": "preference pairs per optimizer step"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (divides batch_size)"})
-    lr: float = field(default=5e-5, metadata={"help": "peak policy learning rate (high: the default run is 25 steps)"})
+    lr: float = field(default=5e-5, metadata={"help": "peak policy learning rate (high: the default run is 32 steps)"})
     warmup_steps: int = field(default=3, metadata={"help": "linear warmup steps, then cosine decay to lr/10"})
     weight_decay: float = field(default=0.0, metadata={"help": "policy AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping for policy and discriminators (0 = off)"})
@@ -64,7 +64,7 @@ class Config:
     ema_decay: float = field(default=0.9, metadata={"help": "μ of the running means of discriminator logits"})
     # bookkeeping
     log_every: int = field(default=5, metadata={"help": "steps between log lines (metrics.jsonl gets every step)"})
-    eval_every: int = field(default=10, metadata={"help": "steps between held-out evaluations (0 = only at the end)"})
+    eval_every: int = field(default=15, metadata={"help": "steps between held-out evaluations (0 = only at the end)"})
     save_every: int = field(default=50, metadata={"help": "steps between checkpoints (always at the end)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir exactly where it stopped"})
 
