@@ -232,8 +232,14 @@ def evaluate_run(run, cfg, score):
     return result
 
 
-def print_table(results):
+def run_names(results):
+    """Folder names, or the paths as given when two runs share a folder name."""
     names = [os.path.basename(os.path.normpath(r["run"])) for r in results]
+    return names if len(set(names)) == len(names) else [os.path.normpath(r["run"]) for r in results]
+
+
+def print_table(results):
+    names = run_names(results)
     splits = list(results[0]["splits"])
     rows = [("pairs", "pairs", "{:.0f}"), ("rewards/accuracies", "pref accuracy", "{:.3f}"),
             ("rewards/margins", "reward margin", "{:.3f}"), ("opo/loss", "loss", "{:.4f}"),
@@ -264,8 +270,7 @@ def plot(results, path):
     splits = list(results[0]["splits"])
     fig, axes = plt.subplots(2, len(splits), figsize=(5 * len(splits), 8), squeeze=False)
     for j, split in enumerate(splits):
-        for r in results:
-            name = os.path.basename(os.path.normpath(r["run"]))
+        for r, name in zip(results, run_names(results)):
             gen = r["splits"][split]["generation"]
             temps = [float(t) for t in gen]
             axes[0][j].plot([gen[t]["kl"] for t in gen], [gen[t]["reward"] for t in gen], "o-", label=name)
