@@ -546,11 +546,12 @@ def evaluate(policy, ref, batches, cfg, autocast, latents=False, ref_cache=None)
     for i, batch in enumerate(batches):
         with autocast():
             policy_logps, n_tokens, policy_hidden = forward_logps_and_hidden(policy, batch)
-            if latents or ref_cache is None or i not in ref_cache:
+            if ref_cache is not None and i in ref_cache and not latents:
+                ref_logps = ref_cache[i]
+            else:
                 ref_logps, _, ref_hidden = forward_logps_and_hidden(ref, batch)
                 if ref_cache is not None:
                     ref_cache[i] = ref_logps
-            ref_logps = ref_cache[i] if ref_cache is not None else ref_logps
         losses = opo_loss(cfg, policy_logps, ref_logps, n_tokens)
         B = losses.shape[0]
         for k, v in preference_metrics(policy_logps, ref_logps, n_tokens, cfg.beta, losses).items():
