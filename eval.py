@@ -23,6 +23,7 @@ import torch
 from transformers import HfArgumentParser
 
 import ganpo
+from train import fail  # one-line errors, exit 2
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # evaluation runs in float32 throughout
 
@@ -41,11 +42,6 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "seeds sampling and the probe"})
     out: str = field(default="", metadata={"help": "JSON path (default: RUN/eval.json for one run, eval.json for several)"})
     plot: str = field(default="", metadata={"help": "PNG path (default: next to --out); needs matplotlib"})
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 # ---------------------------------------------------------------------------------- latent drift
@@ -217,9 +213,7 @@ def evaluate_run(run, cfg, score):
         examples, dropped = ganpo.tokenize_rows(rows, tokenizer, train_cfg["max_length"], train_cfg["max_prompt_length"])
         if not examples:
             fail(f"--data {data} [{split}]: no pairs left after truncation")
-        batches = [ganpo.collate(examples[i:i + cfg.batch_size], tokenizer.pad_token_id)
-                   for i in range(0, len(examples), cfg.batch_size)]
-        batches = [{k: v.to(DEVICE) for k, v in b.items()} for b in batches]
+        batches = [{k: v.to(DEVICE) for k, v in b.items()} for b in ganpo.batches_of(examples, cfg.batch_size, tokenizer.pad_token_id)]
         prefs, latents = ganpo.evaluate(policy, ref, batches, loss_cfg, nullcontext, latents=True)
         latents = {k: v.cpu() for k, v in latents.items()}
         split_result = {"pairs": len(examples), "dropped": dropped, **prefs, **latent_drift(latents, cfg.seed),

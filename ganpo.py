@@ -53,6 +53,7 @@ class LossConfig:
     adv_weight: float = 1.0       # λ: weight of the generator loss; 0 = plain OPO, no discriminators
     disc_tokens: str = "all"      # which tokens the discriminators see: all | response
     ema_decay: float = 0.9        # μ of the running means (reference code)
+    logits_chunk: int = 1024      # completion tokens per LM-head chunk: bounds the float32 logits in memory
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,13 +99,14 @@ def load_tokenizer(name):
     return tokenizer
 
 
-def load_policy(name, tokenizer, seed=0):
+def load_policy(name, tokenizer, seed=0, vocab_size=None):
     """`smollm2` (default, offline), `tiny` (random 2-layer Llama for smoke tests) or any HF causal LM.
 
-    Parameters stay float32; bf16 enters through autocast, so policy and reference compute alike."""
+    Parameters stay float32; bf16 enters through autocast, so policy and reference compute alike.
+    vocab_size (tiny only) replaces the tokenizer's: bench.py uses it to try a large vocabulary."""
     if name == "tiny":
         torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+        config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=64, intermediate_size=128,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=2048, tie_word_embeddings=True,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -133,6 +135,25 @@ def make_reference(policy):
     ref = copy.deepcopy(policy).eval()
     ref.requires_grad_(False)
     return ref
+
+
+def enable_checkpointing(model):
+    """Recompute each decoder layer's activations in the backward instead of keeping them
+    (non-reentrant: works with frozen inputs and under autocast). transformers 5 renamed the switch."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def precision(device, dtype):
+    """-> (use_bf16, autocast): `dtype` auto | bf16 | fp32. Parameters stay float32 either way.
+
+    auto = bf16 autocast on a GPU with bf16 support, float32 elsewhere: on CPUs without bf16 matrix
+    units (like the 2-core machine this was written on) bf16 matmuls run ~6x slower than float32."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
+    return use_bf16, lambda: torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,6 +289,11 @@ def collate(examples, pad_id):
     pad is often EOS, and the EOS that ends a completion must be scored)."""
     prompts = [e["prompt"] for e in examples] * 2
     return pad_right(prompts, [e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
+
+
+def batches_of(examples, size, pad_id):
+    """Collated batches of `size` pairs (the last one may be smaller)."""
+    return [collate(examples[i:i + size], pad_id) for i in range(0, len(examples), size)]
 
 
 def pad_right(prompts, completions, pad_id):
@@ -447,41 +473,39 @@ def ganpo_micro_step(policy, ref, discs, batch, cfg, ema, n_micro, autocast):
     optimizer step, the same as one big batch (for the OPO part exactly; the running means make
     the GAN part depend on the order of micro-batches)."""
     with autocast():
-        policy_logps, n_tokens, policy_hidden = forward_logps_and_hidden(policy, batch)  # (2B,), (2B,), (2B,T,d)
+        policy_logps, n_tokens, policy_hidden = forward_logps_and_hidden(policy, batch, cfg.logits_chunk)  # (2B,), (2B,), (2B,T,d)
         with torch.no_grad():
-            ref_logps, _, ref_hidden = forward_logps_and_hidden(ref, batch)
+            ref_logps, _, ref_hidden = forward_logps_and_hidden(ref, batch, cfg.logits_chunk)
     B = policy_logps.shape[0] // 2
     metrics = {}
     if discs is not None:
         # --- discriminator step: detached latents, discriminators trainable
-        m_w, m_l = _split_masks(batch, cfg.disc_tokens)
+        mask = dict(zip(("chosen", "rejected"), _split_masks(batch, cfg.disc_tokens)))
+        real = {"chosen": ref_hidden[:B], "rejected": ref_hidden[B:]}
+        fake = {"chosen": policy_hidden[:B], "rejected": policy_hidden[B:]}
         discs.train()
         discs.requires_grad_(True)
-        with autocast():
-            h_pol = policy_hidden.detach()
-            logits = {"chosen/real": discs["chosen"](ref_hidden[:B], m_w),
-                      "chosen/fake": discs["chosen"](h_pol[:B], m_w),
-                      "chosen/contrast": discs["chosen"](ref_hidden[B:], m_l),
-                      "rejected/real": discs["rejected"](ref_hidden[B:], m_l),
-                      "rejected/fake": discs["rejected"](h_pol[B:], m_l),
-                      "rejected/contrast": discs["rejected"](ref_hidden[:B], m_w)}
-        update_ema(ema, logits, cfg.ema_decay)
-        d_loss_w = quad_disc_loss(logits["chosen/real"], logits["chosen/fake"], logits["chosen/contrast"],
-                                  ema["chosen/real"], ema["chosen/fake"], ema["chosen/contrast"])
-        d_loss_l = quad_disc_loss(logits["rejected/real"], logits["rejected/fake"], logits["rejected/contrast"],
-                                  ema["rejected/real"], ema["rejected/fake"], ema["rejected/contrast"])
-        ((d_loss_w + d_loss_l) / n_micro).backward()
-        # discriminator accuracy: how often it ranks a real sequence above the matching fake one
-        d_acc = 0.5 * ((logits["chosen/real"] > logits["chosen/fake"]).float().mean()
-                       + (logits["rejected/real"] > logits["rejected/fake"]).float().mean())
+        d_losses, d_accs = [], []
+        for side, other in (("chosen", "rejected"), ("rejected", "chosen")):
+            with autocast():
+                logits = {f"{side}/real": discs[side](real[side], mask[side]),
+                          f"{side}/fake": discs[side](fake[side].detach(), mask[side]),
+                          f"{side}/contrast": discs[side](real[other], mask[other])}
+            update_ema(ema, logits, cfg.ema_decay)
+            d_loss = quad_disc_loss(*logits.values(), *(ema[k] for k in logits))
+            # backward per discriminator: only one discriminator's activations are alive at a time
+            (d_loss / n_micro).backward()
+            d_losses.append(d_loss.detach())
+            # accuracy: how often it ranks a real sequence above the matching fake one
+            d_accs.append((logits[f"{side}/real"] > logits[f"{side}/fake"]).float().mean())
         # --- generator: discriminators frozen (eval, no grad), policy latents NOT detached
         discs.eval()
         discs.requires_grad_(False)
         with autocast():
-            fake_w = discs["chosen"](policy_hidden[:B], m_w)
-            fake_l = discs["rejected"](policy_hidden[B:], m_l)
+            fake_w = discs["chosen"](fake["chosen"], mask["chosen"])
+            fake_l = discs["rejected"](fake["rejected"], mask["rejected"])
         g_loss = generator_loss(fake_w, fake_l, ema["chosen/real"], ema["rejected/real"])
-        metrics.update({"disc/loss": (d_loss_w + d_loss_l).detach() / 2, "disc/accuracy": d_acc,
+        metrics.update({"disc/loss": sum(d_losses) / 2, "disc/accuracy": sum(d_accs) / 2,
                         "gen/loss": g_loss.detach(),
                         **{f"ema/{k}": v for k, v in ema.items()}})
     else:
@@ -545,11 +569,11 @@ def evaluate(policy, ref, batches, cfg, autocast, latents=False, ref_cache=None)
     sums, n, pooled = {}, 0, {"policy": [], "ref": []}
     for i, batch in enumerate(batches):
         with autocast():
-            policy_logps, n_tokens, policy_hidden = forward_logps_and_hidden(policy, batch)
+            policy_logps, n_tokens, policy_hidden = forward_logps_and_hidden(policy, batch, cfg.logits_chunk)
             if ref_cache is not None and i in ref_cache and not latents:
                 ref_logps = ref_cache[i]
             else:
-                ref_logps, _, ref_hidden = forward_logps_and_hidden(ref, batch)
+                ref_logps, _, ref_hidden = forward_logps_and_hidden(ref, batch, cfg.logits_chunk)
                 if ref_cache is not None:
                     ref_cache[i] = ref_logps
         losses = opo_loss(cfg, policy_logps, ref_logps, n_tokens)

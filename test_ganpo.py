@@ -568,3 +568,59 @@ def test_reference_is_frozen_and_the_discriminators_step_once_per_optimizer_step
     assert {int(s["step"]) for s in dopt.state.values()} == {1}  # two micro-batches, one discriminator step
     assert {int(s["step"]) for s in popt.state.values()} == {1}
     assert set(ema) == set(ganpo.EMA_KEYS)
+
+
+# ------------------------------------------------------------------------------------ bench.py
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_step_flops_formula_matches_the_flops_torch_counts(tokenizer, checkpointing):
+    """bench.py predicts the GANPO/DPO ratio for large models from step_flops(); it must match what
+    torch's FLOP counter sees in a real step, with and without gradient checkpointing."""
+    import bench
+    from torch.utils.flop_counter import FlopCounterMode
+    policy, ref, discs, popt, dopt = setup_models(tokenizer)
+    if checkpointing:
+        ganpo.enable_checkpointing(policy)
+    policy.train()
+    P, T, pairs = 8, 40, 2
+    g = torch.Generator().manual_seed(0)
+    ex = [{k: torch.randint(0, 1000, (n,), generator=g).tolist() for k, n in
+           (("prompt", P), ("chosen", T - P), ("rejected", T - P))} for _ in range(pairs)]
+    batch = ganpo.collate(ex, tokenizer.pad_token_id)
+    counted = {}
+    for arm, d, opt in (("dpo", None, None), ("ganpo", discs, dopt)):
+        with FlopCounterMode(display=False) as counter:
+            ganpo.ganpo_step(policy, ref, d, popt, opt, [batch], ganpo.LossConfig(adv_weight=1.0 if d else 0.0), {},
+                             nullcontext)
+        counted[arm] = counter.get_total_flops()
+    dpo, extra = bench.step_flops(bench.shape_of(policy.config), pairs, T, P, 32, 2, "all", checkpointing)
+    assert dpo == pytest.approx(counted["dpo"], rel=0.03)
+    assert dpo + extra == pytest.approx(counted["ganpo"], rel=0.03)
+
+
+def test_lm_head_never_sees_more_rows_than_logits_chunk(tokenizer):
+    """A large vocabulary's float32 logits exist one chunk at a time, in the forward and in the backward."""
+    policy = tiny_policy(tokenizer)
+    rows = []
+    policy.get_output_embeddings().register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[0]))
+    batch = batch_of(tokenizer, make_rows(4))
+    logps, n_tokens, _ = ganpo.forward_logps_and_hidden(policy, batch, chunk_tokens=16)
+    logps.sum().backward()
+    assert n_tokens.sum() > 16 * 3  # several chunks ...
+    assert max(rows) <= 16 and sum(rows) == 2 * int(n_tokens.sum())  # ... each recomputed once in the backward
+
+
+def test_bench_reports_times_memory_and_flop_ratios(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--model", "tiny", "--batch_size", "2",
+                          "--max_length", "32", "--steps", "2", "--disc_dim", "32", "--disc_heads", "2", "--json"],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=HERE, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(r["all_seconds"]["dpo"]) == len(r["all_seconds"]["ganpo"]) == 2
+    assert r["time_ratio"] == pytest.approx(r["seconds"]["ganpo"] / r["seconds"]["dpo"])
+    assert r["flops"]["ganpo"] > r["flops"]["dpo"] > 0
+    assert r["flop_ratio_formula"] == pytest.approx(r["flop_ratio_counted"], rel=0.03)
+    assert r["peak_bytes"]["dpo"] > 10 * 2 ** 20 and r["peak_bytes"]["ganpo"] > 10 * 2 ** 20
+    predicted = list(r["predicted_ratio"].values())  # 0.5B, 1.7B, 8B: the overhead shrinks as models grow
+    assert predicted == sorted(predicted, reverse=True) and predicted[-1] < 1.01
+    assert "GANPO/DPO: time" in out.stdout

@@ -129,10 +129,6 @@ def load_data(cfg, tokenizer):
     return train, held
 
 
-def batches_of(examples, size, pad_id):
-    return [ganpo.collate(examples[i:i + size], pad_id) for i in range(0, len(examples), size)]
-
-
 def pairs_for_step(step, n, batch_size, seed):
     """Indices of the pairs of optimizer step `step`: epochs are seeded permutations, so the data
     position of a resumed run is a function of the step alone."""
@@ -179,12 +175,7 @@ def main():
 
     # --- setup: device, precision, models, data (plumbing)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
-
-    def autocast():
-        # bf16 autocast keeps float32 master weights; on CPUs without bf16 matrix units (like the 2-core
-        # machine this was written on) bf16 matmuls run ~6x slower than float32, so auto picks fp32 there
-        return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16)
+    _, autocast = ganpo.precision(device, cfg.dtype)  # bf16 autocast on bf16 GPUs, float32 on CPU
 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -200,15 +191,14 @@ def main():
             train[i] = {**train[i], "chosen": train[i]["rejected"], "rejected": train[i]["chosen"]}
         print(f"label noise: swapped {len(flipped)} of {len(train)} training pairs")
     micro = cfg.batch_size // cfg.grad_accum
-    held_out = {s: batches_of(ex, micro, tokenizer.pad_token_id) for s, ex in held_out.items()}
+    held_out = {s: ganpo.batches_of(ex, micro, tokenizer.pad_token_id) for s, ex in held_out.items()}
     periodic_split = next(iter(held_out), None)  # periodic evaluations use its first --eval_pairs pairs
     periodic_batches = math.ceil(cfg.eval_pairs / micro) if cfg.eval_pairs else None
     ref_caches = {}  # split -> {batch index: reference log-probs}
 
     ref = ganpo.make_reference(policy)  # frozen copy of the initial policy, before any update
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        policy.config.use_cache = False
+        ganpo.enable_checkpointing(policy)
     policy.train()
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     discs, disc_opt = None, None

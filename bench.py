@@ -1,0 +1,245 @@
+"""Benchmark one optimizer step of GANPO against plain DPO (adv_weight=0): time, tokens/s, memory.
+
+    python bench.py                                   # SmolLM2-135M, 4 pairs x 256 tokens, fp32 on CPU
+    python bench.py --gradient_checkpointing          # the same, recomputing decoder activations
+    python bench.py --model tiny --vocab_size 151936 --batch_size 8 --max_length 512 --logits_chunk 0
+    python bench.py --json                            # ... and one JSON line of results at the end
+
+Both updates share one policy and reference and run in one process, interleaved after a warm-up
+step each (DPO, GANPO, GANPO, DPO, ...), so a change in the machine's speed hits both alike; we
+report the median seconds per step. The warm-up steps run under torch's FLOP counter, which gives
+the ratio that arithmetic alone predicts. Peak memory is measured for each update alone, in a fresh
+child process: a process's peak cannot be undone, and memory freed by one update stays with the
+allocator. The batch is random token ids: P = max_length / 4 prompt tokens, then max_length - P
+completion tokens for chosen and for rejected, no padding.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import HfArgumentParser
+
+import ganpo
+from train import fail
+
+
+@dataclass
+class BenchConfig:
+    model: str = field(default="smollm2", metadata={"help": "as train.py: smollm2 | tiny | HF id or folder"})
+    batch_size: int = field(default=4, metadata={"help": "preference pairs per optimizer step"})
+    max_length: int = field(default=256, metadata={"help": "tokens per sequence (a quarter of them prompt)"})
+    steps: int = field(default=3, metadata={"help": "timed steps per update, after one warm-up step each"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a bf16 GPU, else fp32) | bf16 | fp32"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder activations in backward"})
+    adv_weight: float = field(default=1.0, metadata={"help": "λ of the GANPO update (the other one is λ = 0: DPO)"})
+    disc_tokens: str = field(default="all", metadata={"help": "tokens the discriminators see: all | response"})
+    disc_dim: int = field(default=512, metadata={"help": "discriminator width"})
+    disc_layers: int = field(default=2, metadata={"help": "discriminator transformer layers"})
+    disc_heads: int = field(default=8, metadata={"help": "discriminator attention heads"})
+    logits_chunk: int = field(default=1024, metadata={"help": "completion tokens per LM-head chunk (0 = all at once)"})
+    vocab_size: int = field(default=0, metadata={"help": "--model tiny only: vocabulary size (0 = the tokenizer's)"})
+    memory: bool = field(default=True, metadata={"help": "measure peak memory in child processes (--no_memory skips)"})
+    peak_tflops: float = field(default=0.0, metadata={"help": "GPU peak bf16 TFLOP/s for MFU (0 = look up by GPU name)"})
+    seed: int = field(default=0, metadata={"help": "seeds the random batch and the discriminators"})
+    json: bool = field(default=False, metadata={"help": "print one JSON line of results at the end"})
+    only: str = field(default="", metadata={"help": "internal: run dpo or ganpo alone and print its peak memory"})
+
+
+# dense bf16 peak of common GPUs, TFLOP/s (vendor datasheets, without sparsity)
+GPU_PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L40": 181, "A10G": 70, "A10": 125,
+                   "L4": 121, "RTX 4090": 165, "RTX 3090": 71}
+
+# decoder shapes for the FLOP prediction: layers, d_model, query width, key/value width, MLP width, vocabulary
+# (from each model's config.json on the Hugging Face hub)
+REFERENCE_MODELS = {"0.5B Qwen2.5-0.5B": (24, 896, 896, 128, 4864, 151936),
+                    "1.7B SmolLM2-1.7B": (24, 2048, 2048, 2048, 8192, 49152),
+                    "8B Llama-3.1-8B": (32, 4096, 4096, 1024, 14336, 128256)}
+
+
+def shape_of(config):
+    """The REFERENCE_MODELS tuple of a transformers Llama/Qwen/SmolLM-style config."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return (config.num_hidden_layers, config.hidden_size, config.num_attention_heads * head_dim,
+            kv_heads * head_dim, config.intermediate_size, config.vocab_size)
+
+
+def step_flops(shape, pairs, T, P, disc_dim, disc_layers, disc_tokens="all", checkpointing=False):
+    """-> (DPO step, what GANPO adds): matmul FLOPs of one optimizer step, a multiply-add = 2.
+
+    A forward costs F per token; a backward 2F (input and weight gradients), 1F where only one of
+    the two is needed. DPO: policy forward + backward (+ a second forward with checkpointing) and
+    a reference forward; the LM head runs on completion tokens only, once more in the backward
+    (its chunks are checkpointed). GANPO adds, in units of one discriminator forward over the 2B
+    sequences: 3 forwards (real, fake, contrast for each of D_w and D_l) with their backward for
+    the discriminator step (weight gradients and activation gradients, none into the inputs),
+    then the generator's forward over the policy latents and its backward into them (no weight
+    gradients): 3 + 3·2 + 1 + 1 = 11, less the input projection's missing input gradient."""
+    layers, d, q, kv, ffn, vocab = shape
+    seqs, n_tokens, completion = 2 * pairs, 2 * pairs * T, 2 * pairs * (T - P)
+    decoder = n_tokens * layers * (2 * (2 * d * q + 2 * d * kv + 3 * d * ffn) + 4 * T * q)  # + QKᵀ and AV
+    head = completion * 2 * d * vocab
+    dpo = (4 + checkpointing) * decoder + 5 * head  # policy 3 (+1) and reference 1; head 1 + 1 recompute + 2 + ref 1
+    t_disc = T if disc_tokens == "all" else T - P
+    per_token = 2 * 4 * disc_dim ** 2 + 2 * 2 * disc_dim * 4 * disc_dim + 4 * t_disc * disc_dim  # attention + MLP
+    disc_fwd = seqs * t_disc * (2 * d * disc_dim + disc_layers * per_token)
+    proj = seqs * t_disc * 2 * d * disc_dim
+    return dpo, 11 * disc_fwd - 3 * proj
+
+
+def reset_peak(device):
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:  # Linux: writing 5 resets the peak resident set size (VmHWM) to the current one
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the peak includes loading the model
+
+
+def peak_bytes(device):
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024
+
+
+def setup(cfg, arms):
+    """Models, optimizers, one random batch; -> (step(arm), info). Discriminators only if "ganpo" in arms."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    use_bf16, autocast = ganpo.precision(device, cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    try:
+        tokenizer = ganpo.load_tokenizer(cfg.model)
+        policy = ganpo.load_policy(cfg.model, tokenizer, cfg.seed, cfg.vocab_size or None).to(device)
+    except ValueError as e:
+        fail(str(e))
+    ref = ganpo.make_reference(policy)
+    if cfg.gradient_checkpointing:
+        ganpo.enable_checkpointing(policy)
+    policy.train()
+    V, P = policy.config.vocab_size, cfg.max_length // 4
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def ids(n):
+        return torch.randint(0, V, (n,), generator=gen).tolist()
+
+    examples = [{"prompt": ids(P), "chosen": ids(cfg.max_length - P), "rejected": ids(cfg.max_length - P)}
+                for _ in range(cfg.batch_size)]
+    batch = {k: v.to(device) for k, v in ganpo.collate(examples, tokenizer.pad_token_id).items()}
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)  # a real step; its size does not matter here
+    discs, disc_opt = None, None
+    if "ganpo" in arms:
+        discs = ganpo.build_discriminators(policy.config.hidden_size, d_disc=cfg.disc_dim, n_layers=cfg.disc_layers,
+                                           n_heads=cfg.disc_heads).to(device)
+        disc_opt = torch.optim.AdamW(discs.parameters(), lr=5e-7, weight_decay=0.01)
+    chunk = cfg.logits_chunk or 10 ** 12
+    loss_cfgs = {"dpo": ganpo.LossConfig(adv_weight=0, logits_chunk=chunk),
+                 "ganpo": ganpo.LossConfig(adv_weight=cfg.adv_weight, disc_tokens=cfg.disc_tokens, logits_chunk=chunk)}
+    ema = {}
+
+    def step(arm):
+        gan = arm == "ganpo"
+        ganpo.ganpo_step(policy, ref, discs if gan else None, policy_opt, disc_opt if gan else None, [batch],
+                         loss_cfgs[arm], ema, autocast)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    info = {"model": cfg.model, "params": sum(p.numel() for p in policy.parameters()),
+            "disc_params": sum(p.numel() for p in discs.parameters()) if discs is not None else 0,
+            "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+            "precision": "bf16 autocast" if use_bf16 else "fp32", "shape": shape_of(policy.config),
+            "tokens_per_step": 2 * cfg.batch_size * cfg.max_length, "prompt_tokens": P}
+    return step, device, info
+
+
+def measure_alone(arm):
+    """Peak memory of one update alone: a child process runs it and prints JSON."""
+    args = [a for a in sys.argv[1:] if a != "--json"] + ["--only", arm, "--json"]
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        fail(f"peak-memory child for {arm} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def main():
+    cfg = HfArgumentParser(BenchConfig).parse_args_into_dataclasses()[0]
+    if cfg.only not in ("", "dpo", "ganpo"):
+        fail(f"--only {cfg.only}: expected dpo or ganpo")
+    if cfg.adv_weight <= 0:
+        fail(f"--adv_weight {cfg.adv_weight}: the GANPO update needs λ > 0 (the DPO update is always run)")
+    if cfg.batch_size < 1 or cfg.max_length < 4 or cfg.steps < 1:
+        fail("--batch_size and --steps must be >= 1, --max_length >= 4")
+    if cfg.vocab_size and cfg.model != "tiny":
+        fail("--vocab_size works with --model tiny only")
+
+    if cfg.only:  # child: one update alone; peak over a warm-up step (optimizer state appears) and one more
+        step, device, _ = setup(cfg, [cfg.only])
+        reset_peak(device)
+        step(cfg.only)
+        step(cfg.only)
+        print(json.dumps({"peak_bytes": peak_bytes(device)}))
+        return
+
+    step, device, info = setup(cfg, ["dpo", "ganpo"])
+    arms = ("dpo", "ganpo")
+    flops = {}
+    for arm in arms:  # warm-up, counting FLOPs
+        with FlopCounterMode(display=False) as counter:
+            step(arm)
+        flops[arm] = counter.get_total_flops()
+    times = {arm: [] for arm in arms}
+    for i in range(cfg.steps):
+        for arm in (arms if i % 2 == 0 else arms[::-1]):
+            t0 = time.perf_counter()
+            step(arm)
+            times[arm].append(time.perf_counter() - t0)
+    peak = {arm: measure_alone(arm) for arm in arms} if cfg.memory else {}
+
+    secs = {arm: statistics.median(times[arm]) for arm in arms}
+    dpo_f, gan_f = step_flops(info["shape"], cfg.batch_size, cfg.max_length, info["prompt_tokens"], cfg.disc_dim,
+                              cfg.disc_layers, cfg.disc_tokens, cfg.gradient_checkpointing)
+    peak_tflops = cfg.peak_tflops or next((v for k, v in GPU_PEAK_TFLOPS.items() if k in info["device"]), 0)
+    result = {**asdict(cfg), **info, "seconds": secs, "all_seconds": times, "flops": flops, "peak_bytes": peak,
+              "tokens_per_s": {a: info["tokens_per_step"] / secs[a] for a in arms},
+              "time_ratio": secs["ganpo"] / secs["dpo"],
+              "flop_ratio_counted": flops["ganpo"] / flops["dpo"], "flop_ratio_formula": 1 + gan_f / dpo_f,
+              "memory_ratio": peak["ganpo"] / peak["dpo"] if peak else None,
+              "mfu": {a: flops[a] / secs[a] / (peak_tflops * 1e12) for a in arms} if device == "cuda" and peak_tflops else None,
+              "predicted_ratio": {}}
+    for name, shape in REFERENCE_MODELS.items():
+        d, g = step_flops(shape, cfg.batch_size, cfg.max_length, info["prompt_tokens"], cfg.disc_dim, cfg.disc_layers,
+                          cfg.disc_tokens, cfg.gradient_checkpointing)
+        result["predicted_ratio"][name] = 1 + g / d
+
+    print(f"{cfg.model} ({info['params'] / 1e6:.1f}M params; discriminators {info['disc_params'] / 1e6:.1f}M) | "
+          f"{cfg.batch_size} pairs x {cfg.max_length} tokens | {info['precision']} | {info['device']} | "
+          f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'} | median of {cfg.steps} steps")
+    for a in arms:
+        mem = f" | peak memory {peak[a] / 2 ** 30:.2f} GiB" if peak else ""
+        mfu = f" | MFU {result['mfu'][a]:.1%}" if result["mfu"] else ""
+        print(f"{a:5s} {secs[a]:8.3f} s/step | {result['tokens_per_s'][a]:8.0f} tokens/s | "
+              f"{flops[a] / 1e9:8.1f} GFLOP/step{mem}{mfu}")
+    mem = f" | peak memory {result['memory_ratio']:.3f}" if peak else ""
+    print(f"GANPO/DPO: time {result['time_ratio']:.3f}{mem} | FLOPs {result['flop_ratio_counted']:.3f} counted, "
+          f"{result['flop_ratio_formula']:.3f} by step_flops()")
+    print("FLOP-predicted GANPO/DPO time for the same batch: "
+          + " | ".join(f"{k} {v:.3f}" for k, v in result["predicted_ratio"].items()))
+    if cfg.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Time TRL's DPOTrainer step against ours (adv_weight=0): same model, batch, length and precision.
+
+    python -m venv --system-site-packages /tmp/trlenv && /tmp/trlenv/bin/pip install --no-deps trl==1.16.0
+    HF_HUB_OFFLINE=1 /tmp/trlenv/bin/python scripts/bench_trl.py          # SmolLM2-135M, 4 pairs x 256, fp32
+
+TRL is not a project dependency; install it in a scratch environment only for this comparison.
+One optimizer step is what TRL's Trainer loop does per batch: `training_step` (policy forward and
+backward, reference forward), gradient clipping, AdamW step. Ours is `ganpo.ganpo_step` with λ = 0.
+The two run interleaved after a warm-up step each, on the same random token ids (bench.py's batch),
+collated by each library's own collator; we report median seconds per step.
+"""
+import os
+import statistics
+import sys
+import time
+
+import torch
+import trl
+from datasets import Dataset
+from transformers import HfArgumentParser
+from trl import DPOConfig, DPOTrainer
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ganpo  # noqa: E402
+from bench import BenchConfig  # noqa: E402
+
+
+def main():
+    cfg = HfArgumentParser(BenchConfig).parse_args_into_dataclasses()[0]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    use_bf16, autocast = ganpo.precision(device, cfg.dtype)
+    tokenizer = ganpo.load_tokenizer(cfg.model)
+    ours = ganpo.load_policy(cfg.model, tokenizer, cfg.seed).to(device).train()
+    ref = ganpo.make_reference(ours)
+    theirs = ganpo.load_policy(cfg.model, tokenizer, cfg.seed).to(device).train()
+    if cfg.gradient_checkpointing:
+        ganpo.enable_checkpointing(ours)
+
+    V, P, L = ours.config.vocab_size, cfg.max_length // 4, cfg.max_length
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ids = lambda n: torch.randint(0, V, (n,), generator=gen).tolist()  # noqa: E731
+    examples = [{"prompt": ids(P), "chosen": ids(L - P), "rejected": ids(L - P)} for _ in range(cfg.batch_size)]
+    our_batch = {k: v.to(device) for k, v in ganpo.collate(examples, tokenizer.pad_token_id).items()}
+    our_opt = torch.optim.AdamW(ours.parameters(), lr=1e-6)
+    loss_cfg = ganpo.LossConfig(adv_weight=0)
+
+    args = DPOConfig(output_dir="/tmp/bench_trl", report_to=[], per_device_train_batch_size=cfg.batch_size,
+                     learning_rate=1e-6, max_grad_norm=1.0, bf16=use_bf16, use_cpu=device == "cpu",
+                     gradient_checkpointing=cfg.gradient_checkpointing, max_length=None,
+                     gradient_checkpointing_kwargs={"use_reentrant": False})
+    dummy = Dataset.from_list([{"prompt": "Hello.\n", "chosen": "Hi.", "rejected": "Go."}])  # TRL wants a dataset; we pass batches
+    trainer = DPOTrainer(model=theirs, ref_model=ganpo.make_reference(theirs), args=args, train_dataset=dummy,
+                         processing_class=tokenizer)
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(), which we do not call
+    trl_inputs = trainer.data_collator([{"prompt_ids": e["prompt"], "chosen_ids": e["chosen"],
+                                         "rejected_ids": e["rejected"]} for e in examples])
+    trl_inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in trl_inputs.items()}
+
+    def trl_step():
+        trainer.model.train()
+        trainer.training_step(trainer.model, trl_inputs)
+        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), args.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    def our_step():
+        ganpo.ganpo_step(ours, ref, None, our_opt, None, [our_batch], loss_cfg, {}, autocast)
+
+    steps = {"trl": trl_step, "ours": our_step}
+    times = {k: [] for k in steps}
+    for fn in steps.values():  # warm-up
+        fn()
+    for i in range(cfg.steps):
+        for name in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
+            t0 = time.perf_counter()
+            steps[name]()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"trl {trl.__version__} | {cfg.model} | {cfg.batch_size} pairs x {cfg.max_length} tokens | "
+          f"{'bf16 autocast' if use_bf16 else 'fp32'} | median of {cfg.steps} steps")
+    for k in steps:
+        print(f"{k:5s} {med[k]:8.3f} s/step  (all: {', '.join(f'{t:.2f}' for t in times[k])})")
+    print(f"ours/TRL time per DPO step: {med['ours'] / med['trl']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
