@@ -9,8 +9,8 @@ Both updates share one policy and reference and run in one process, interleaved 
 step each (DPO, GANPO, GANPO, DPO, ...), so a change in the machine's speed hits both alike; we
 report the median seconds per step. The warm-up steps run under torch's FLOP counter, which gives
 the ratio that arithmetic alone predicts. Peak memory is measured for each update alone, in a fresh
-child process: a process's peak cannot be undone, and memory freed by one update stays with the
-allocator. The batch is random token ids: P = max_length / 4 prompt tokens, then max_length - P
+child process: memory that one update frees stays with the allocator and would hide the other's
+peak. The batch is random token ids: P = max_length / 4 prompt tokens, then max_length - P
 completion tokens for chosen and for rejected, no padding.
 """
 import json
@@ -93,29 +93,6 @@ def step_flops(shape, pairs, T, P, disc_dim, disc_layers, disc_tokens="all", che
     return dpo, 11 * disc_fwd - 3 * proj
 
 
-def reset_peak(device):
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:  # Linux: writing 5 resets the peak resident set size (VmHWM) to the current one
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # elsewhere the peak includes loading the model
-
-
-def peak_bytes(device):
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        import resource
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss if sys.platform == "darwin" else rss * 1024
-
-
 def setup(cfg, arms):
     """Models, optimizers, one random batch; -> (step(arm), info). Discriminators only if "ganpo" in arms."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -187,10 +164,10 @@ def main():
 
     if cfg.only:  # child: one update alone; peak over a warm-up step (optimizer state appears) and one more
         step, device, _ = setup(cfg, [cfg.only])
-        reset_peak(device)
+        ganpo.reset_peak_memory(device)
         step(cfg.only)
         step(cfg.only)
-        print(json.dumps({"peak_bytes": peak_bytes(device)}))
+        print(json.dumps({"peak_bytes": ganpo.peak_memory_bytes(device)}))
         return
 
     step, device, info = setup(cfg, ["dpo", "ganpo"])

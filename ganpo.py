@@ -31,6 +31,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -154,6 +155,31 @@ def precision(device, dtype):
     units (like the 2-core machine this was written on) bf16 matmuls run ~6x slower than float32."""
     use_bf16 = dtype == "bf16" or (dtype == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
     return use_bf16, lambda: torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def reset_peak_memory(device):
+    """Start a new peak for peak_memory_bytes()."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:  # Linux: writing 5 resets the peak resident set size (VmHWM) to the current one
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the peak includes loading the model
+
+
+def peak_memory_bytes(device):
+    """Peak memory so far: allocated CUDA memory, or the resident set size of this process on CPU."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024
 
 
 # ----------------------------------------------------------------------------------------------

@@ -624,3 +624,26 @@ def test_bench_reports_times_memory_and_flop_ratios(tmp_path):
     predicted = list(r["predicted_ratio"].values())  # 0.5B, 1.7B, 8B: the overhead shrinks as models grow
     assert predicted == sorted(predicted, reverse=True) and predicted[-1] < 1.01
     assert "GANPO/DPO: time" in out.stdout
+
+
+# ----------------------------------------------------------------------------- experiments/run.py
+
+def test_experiment_grid_records_a_cell_skips_it_when_rerun_and_reports_it(tmp_path):
+    grid = [sys.executable, os.path.join(HERE, "experiments", "run.py"), "--methods", "dpo", "--noise", "0.2",
+            "--seeds", "0", "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"),
+            "--train_flags", "--model tiny --max_steps 1 --batch_size 2 --max_length 48 --max_prompt_length 40",
+            "--eval_flags", "--limit 4 --gen_prompts 1 --samples 1 --temperatures 1.0 --max_new_tokens 4"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run(grid, capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    path = tmp_path / "results" / "dpo-n0.2-s0.json"
+    r = json.loads(path.read_text())
+    assert r["train_config"]["adv_weight"] == 0 and r["train_config"]["label_noise"] == 0.2
+    assert set(r["eval"]) == {"test", "shift"} and r["eval"]["test"]["pairs"] == 4
+    assert len(r["metrics"]) == 1 and r["train_wall_s"] > 0 and r["peak_memory_gib"] > 0
+    assert not (tmp_path / "runs" / "dpo-n0.2-s0").exists()  # weights deleted once recorded
+    again = subprocess.run(grid, capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
+    assert again.returncode == 0 and "training" not in again.stdout  # a finished cell is not rerun
+    rep = subprocess.run([*grid, "--report"], capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    assert "| dpo | 0.2 | test | 1 |" in (tmp_path / "results.md").read_text()

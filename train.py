@@ -293,7 +293,8 @@ def main():
         m = ganpo.ganpo_step(policy, ref, discs, policy_opt, disc_opt, micro_batches, loss_cfg, ema, autocast,
                              cfg.max_grad_norm)
         dt = time.time() - t0
-        m.update({"step": step, "lr": lr, "step_time": dt, "tokens_per_s": m["tokens"] / dt})
+        m.update({"step": step, "lr": lr, "step_time": dt, "tokens_per_s": m["tokens"] / dt,
+                  "memory/peak_gib": ganpo.peak_memory_bytes(device) / 2 ** 30})
         log(m)
         if not math.isfinite(m["loss"]):
             fail(f"loss became {m['loss']} at step {step}; try a lower --lr or --dtype fp32 (last checkpoint kept)")

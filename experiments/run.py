@@ -1,0 +1,226 @@
+"""The controlled experiment: DPO vs GANPO under label noise, in distribution and under shift.
+
+    python experiments/run.py                        # every cell not done yet (about 20 min a cell on 2 CPU cores)
+    python experiments/run.py --only ganpo-n0.2-s0   # some cells (comma list of names)
+    python experiments/run.py --dry_run              # list the cells and their commands
+    python experiments/run.py --report               # table (results.md) and figure (results.png) from finished cells
+
+A cell is method x label noise x seed. It trains with train.py's defaults (SmolLM2-135M-Instruct,
+bundled data, 32 steps of 8 pairs) plus the method's flags, --label_noise and --seed, then scores
+the saved policy with eval.py on `test` and `shift` at eval.py's default temperatures. DPO and
+GANPO cells of one seed see the same pairs in the same order. A cell is done when
+experiments/results/CELL.json exists (written atomically at its end): an interrupted grid goes on
+with the next unfinished cell, and an interrupted training run resumes from its checkpoint. The run
+folder (weights, ignored by git) is deleted once the cell is recorded, unless --keep_runs.
+"""
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = {"dpo": ["--adv_weight", "0"], "ganpo": [],  # GANPO = train.py's defaults (λ = 1)
+           "simpo": ["--loss", "simpo", "--beta", "2.0", "--gamma", "0.5", "--adv_weight", "0"],
+           "ganpo-simpo": ["--loss", "simpo", "--beta", "2.0", "--gamma", "0.5"]}
+SPLITS = ("test", "shift")
+
+
+def cells(args):
+    """Seed-major order, so a grid stopped early holds complete DPO/GANPO comparisons."""
+    out = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for noise in [float(n) for n in args.noise.split(",")]:
+            for method in args.methods.split(","):
+                out.append({"name": f"{method}-n{noise:g}-s{seed}", "method": method, "noise": noise, "seed": seed})
+    return out
+
+
+def commands(cell, args):
+    run = os.path.join(args.runs, cell["name"])
+    train = [sys.executable, os.path.join(ROOT, "train.py"), "--output_dir", run, "--eval_every", "0",
+             *METHODS[cell["method"]], "--label_noise", str(cell["noise"]), "--seed", str(cell["seed"]),
+             *shlex.split(args.train_flags)]
+    if os.path.isfile(os.path.join(run, "checkpoint.pt")):
+        train.append("--resume")
+    evaluate = [sys.executable, os.path.join(ROOT, "eval.py"), run, "--split", ",".join(SPLITS),
+                "--out", os.path.join(run, "eval.json"), "--plot", os.path.join(run, "eval.png"),
+                *shlex.split(args.eval_flags)]
+    return run, train, evaluate
+
+
+def run_logged(cmd, log_path):
+    """Run cmd with its output in log_path; -> wall seconds. A failure stops the grid with one line."""
+    t0 = time.time()
+    with open(log_path, "a") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if rc != 0:
+        sys.exit(f"error: `{shlex.join(cmd[1:3])} ...` failed (exit {rc}); see {log_path}")
+    return time.time() - t0
+
+
+def run_cell(cell, args):
+    run, train, evaluate = commands(cell, args)
+    if os.path.isdir(run) and not os.path.isfile(os.path.join(run, "checkpoint.pt")):
+        shutil.rmtree(run)  # a run that never saved a checkpoint: start it again
+    os.makedirs(args.runs, exist_ok=True)
+    log = os.path.join(args.runs, cell["name"] + ".log")
+    print(f"[{time.strftime('%H:%M:%S')}] {cell['name']}: training (log: {log})", flush=True)
+    train_s = run_logged(train, log)
+    print(f"[{time.strftime('%H:%M:%S')}] {cell['name']}: evaluating", flush=True)
+    eval_s = run_logged(evaluate, log)
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    steps = [m for m in metrics if "split" not in m]
+    final = {m["split"]: m for m in metrics if "split" in m and m["step"] == max(s["step"] for s in metrics)}
+    with open(os.path.join(run, "eval.json")) as f:
+        ev = json.load(f)["results"][0]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    record = {**cell, "commit": commit, "train_command": shlex.join(train[1:]), "eval_command": shlex.join(evaluate[1:]),
+              "hardware": f"{platform.machine()} {os.cpu_count()} cores ({platform.processor() or platform.platform()})",
+              "train_wall_s": train_s, "eval_wall_s": eval_s,
+              "step_time_median_s": statistics.median(m["step_time"] for m in steps),
+              "peak_memory_gib": max(m.get("memory/peak_gib", 0) for m in steps),
+              "final_eval": {s: {k[5:]: v for k, v in m.items() if k.startswith("eval/")} for s, m in final.items()},
+              "eval": ev["splits"], "train_config": ev["train_config"], "metrics": steps}
+    os.makedirs(args.results, exist_ok=True)
+    path = os.path.join(args.results, cell["name"] + ".json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)  # the cell counts as done only now
+    if not args.keep_runs:
+        shutil.rmtree(run)
+    print(f"[{time.strftime('%H:%M:%S')}] {cell['name']}: done in {train_s + eval_s:.0f} s "
+          f"(train {train_s:.0f} s, eval {eval_s:.0f} s) -> {path}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------- report
+
+def mean_sd(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def report(args):
+    done = []
+    for name in sorted(os.listdir(args.results)) if os.path.isdir(args.results) else []:
+        if name.endswith(".json"):
+            with open(os.path.join(args.results, name)) as f:
+                done.append(json.load(f))
+    if not done:
+        sys.exit(f"error: no finished cells in {args.results}")
+    t = args.temperature
+    groups = {}
+    for r in done:
+        groups.setdefault((r["method"], r["noise"]), []).append(r)
+    lines = [f"Cells: {len(done)} ({', '.join(sorted(r['name'] for r in done))}). Mean ± sd over seeds (n = seeds).",
+             f"Generation metrics at T = {t}; latent drift = MMD² between policy and reference last-layer states.", "",
+             "| method | noise | split | n | pref. acc | reward | win rate vs ref | KL | MMD² | degenerate | distinct-2 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (method, noise), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        for split in SPLITS:
+            ev = [r["eval"][split] for r in rs if split in r["eval"]]
+            gen = [e["generation"].get(str(t)) or {} for e in ev]
+            cols = [mean_sd([e["rewards/accuracies"] for e in ev]), mean_sd([g.get("reward") for g in gen]),
+                    mean_sd([g.get("win_rate") for g in gen]), mean_sd([g.get("kl") for g in gen]),
+                    mean_sd([e["latent/mmd2"] for e in ev]), mean_sd([g.get("degenerate") for g in gen]),
+                    mean_sd([g.get("distinct_2") for g in gen])]
+            lines.append(f"| {method} | {noise:g} | {split} | {len(ev)} | " + " | ".join(cols) + " |")
+    lines += ["", "| method | cells | median s/step | peak memory GiB | train wall s | eval wall s |", "|---|---|---|---|---|---|"]
+    by_method = {}
+    for r in done:
+        by_method.setdefault(r["method"], []).append(r)
+    for method, rs in sorted(by_method.items()):
+        lines.append(f"| {method} | {len(rs)} | {mean_sd([r['step_time_median_s'] for r in rs])} | "
+                     f"{mean_sd([r['peak_memory_gib'] for r in rs])} | {mean_sd([r['train_wall_s'] for r in rs])} | "
+                     f"{mean_sd([r['eval_wall_s'] for r in rs])} |")
+    lines += ["", f"Commits: {', '.join(sorted({r['commit'] for r in done}))}; hardware: {done[0]['hardware']}."]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(args.results, "..", "results.md"), "w") as f:
+        f.write(text)
+    print(text)
+    plot(done, groups, os.path.join(args.results, "..", "results.png"), t)
+
+
+def plot(done, groups, path, t):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no figure")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colors = {"dpo": "tab:blue", "ganpo": "tab:red", "simpo": "tab:green", "ganpo-simpo": "tab:purple"}
+    markers = {0.0: "o", 0.2: "s", 0.4: "^"}
+    for r in done:
+        for split, fill in (("test", True), ("shift", False)):
+            g = r["eval"][split]["generation"].get(str(t))
+            if g:
+                c = colors.get(r["method"], "gray")
+                axes[0].scatter(g["kl"], g["reward"], color=c if fill else "none", edgecolors=c,
+                                marker=markers.get(r["noise"], "x"), s=45)
+    axes[0].set(xlabel=f"KL estimate (T = {t})", ylabel="VADER reward", title="reward vs KL (filled: test, open: shift)")
+    for ax, split in zip(axes[1:], SPLITS):
+        for (method, noise), rs in sorted(groups.items()):
+            temps = sorted({float(k) for r in rs for k in r["eval"][split]["generation"]})
+            means = [statistics.mean(r["eval"][split]["generation"][str(x)]["reward"] for r in rs) for x in temps]
+            ax.plot(temps, means, color=colors.get(method, "gray"), marker=markers.get(noise, "x"),
+                    linestyle={0.0: "-", 0.2: "--", 0.4: ":"}.get(noise, "-"), label=f"{method}, noise {noise:g}")
+        ax.set(xlabel="sampling temperature", ylabel="VADER reward", title=f"reward vs temperature ({split})")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {os.path.normpath(path)}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", default="dpo,ganpo", help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--noise", default="0,0.2,0.4", help="label-noise levels (train.py --label_noise)")
+    p.add_argument("--seeds", default="0,1", help="seeds (train.py --seed)")
+    p.add_argument("--only", default="", help="run just these cells (comma list of names)")
+    p.add_argument("--train_flags", default="", help="extra train.py flags for every cell (e.g. for a smoke test)")
+    p.add_argument("--eval_flags", default="", help="extra eval.py flags for every cell")
+    p.add_argument("--results", default=os.path.join(ROOT, "experiments", "results"), help="one JSON per finished cell")
+    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "grid"), help="run folders and logs (not committed)")
+    p.add_argument("--keep_runs", action="store_true", help="keep each cell's weights after it is recorded")
+    p.add_argument("--temperature", type=float, default=1.0, help="--report: temperature of the table's generation columns")
+    p.add_argument("--dry_run", action="store_true", help="list the cells and their commands, run nothing")
+    p.add_argument("--report", action="store_true", help="write results.md and results.png from finished cells")
+    args = p.parse_args()
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        sys.exit(f"error: --methods {','.join(unknown)}: expected some of {', '.join(METHODS)}")
+    if args.report:
+        return report(args)
+    todo = cells(args)
+    if args.only:
+        names = set(args.only.split(","))
+        missing = names - {c["name"] for c in todo}
+        if missing:
+            sys.exit(f"error: --only {','.join(sorted(missing))}: no such cell (see --dry_run)")
+        todo = [c for c in todo if c["name"] in names]
+    for cell in todo:
+        done = os.path.isfile(os.path.join(args.results, cell["name"] + ".json"))
+        if args.dry_run:
+            _, train, evaluate = commands(cell, args)
+            print(f"{cell['name']}{' (done)' if done else ''}\n  {shlex.join(train[1:])}\n  {shlex.join(evaluate[1:])}")
+        elif not done:
+            run_cell(cell, args)
+
+
+if __name__ == "__main__":
+    main()
