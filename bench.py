@@ -48,6 +48,7 @@ class BenchConfig:
     peak_tflops: float = field(default=0.0, metadata={"help": "GPU peak bf16 TFLOP/s for MFU (0 = look up by GPU name)"})
     seed: int = field(default=0, metadata={"help": "seeds the random batch and the discriminators"})
     json: bool = field(default=False, metadata={"help": "print one JSON line of results at the end"})
+    gpu_fit: bool = field(default=False, metadata={"help": "print the estimated memory of common models on 24/80/141 GB GPUs and exit"})
     only: str = field(default="", metadata={"help": "internal: run dpo or ganpo alone and print its peak memory"})
 
 
@@ -60,6 +61,15 @@ GPU_PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L40": 18
 REFERENCE_MODELS = {"0.5B Qwen2.5-0.5B": (24, 896, 896, 128, 4864, 151936),
                     "1.7B SmolLM2-1.7B": (24, 2048, 2048, 2048, 8192, 49152),
                     "8B Llama-3.1-8B": (32, 4096, 4096, 1024, 14336, 128256)}
+# more shapes for the memory estimate, with whether input and output embeddings are tied
+FIT_MODELS = {"SmolLM2-135M": ((30, 576, 576, 192, 1536, 49152), True),
+              "Qwen2.5-0.5B": (REFERENCE_MODELS["0.5B Qwen2.5-0.5B"], True),
+              "Qwen2.5-1.5B": ((28, 1536, 1536, 256, 8960, 151936), True),
+              "SmolLM2-1.7B": (REFERENCE_MODELS["1.7B SmolLM2-1.7B"], True),
+              "Llama-3.2-3B": ((28, 3072, 3072, 1024, 8192, 128256), True),
+              "Qwen2.5-7B": ((28, 3584, 3584, 512, 18944, 152064), False),
+              "Llama-3.1-8B": (REFERENCE_MODELS["8B Llama-3.1-8B"], False)}
+GPUS_GIB = {"24 GB": 24e9 / 2 ** 30, "80 GB": 80e9 / 2 ** 30, "141 GB": 141e9 / 2 ** 30}
 
 
 def shape_of(config):
@@ -93,6 +103,17 @@ def step_flops(shape, pairs, T, P, disc_dim, disc_layers, disc_tokens="all", che
     return dpo, 11 * disc_fwd - 3 * proj
 
 
+def random_examples(vocab_size, pairs, max_length, seed):
+    """Tokenised pairs of random ids: max_length // 4 prompt tokens, the rest completion, no padding."""
+    gen = torch.Generator().manual_seed(seed)
+    P = max_length // 4
+
+    def ids(n):
+        return torch.randint(0, vocab_size, (n,), generator=gen).tolist()
+
+    return [{"prompt": ids(P), "chosen": ids(max_length - P), "rejected": ids(max_length - P)} for _ in range(pairs)]
+
+
 def setup(cfg, arms):
     """Models, optimizers, one random batch; -> (step(arm), info). Discriminators only if "ganpo" in arms."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -107,14 +128,8 @@ def setup(cfg, arms):
     if cfg.gradient_checkpointing:
         ganpo.enable_checkpointing(policy)
     policy.train()
-    V, P = policy.config.vocab_size, cfg.max_length // 4
-    gen = torch.Generator().manual_seed(cfg.seed)
-
-    def ids(n):
-        return torch.randint(0, V, (n,), generator=gen).tolist()
-
-    examples = [{"prompt": ids(P), "chosen": ids(cfg.max_length - P), "rejected": ids(cfg.max_length - P)}
-                for _ in range(cfg.batch_size)]
+    examples = random_examples(policy.config.vocab_size, cfg.batch_size, cfg.max_length, cfg.seed)
+    P = len(examples[0]["prompt"])
     batch = {k: v.to(device) for k, v in ganpo.collate(examples, tokenizer.pad_token_id).items()}
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)  # a real step; its size does not matter here
     discs, disc_opt = None, None
@@ -151,6 +166,40 @@ def measure_alone(arm):
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
+def n_params(shape, tied):
+    layers, d, q, kv, ffn, vocab = shape
+    return vocab * d * (1 if tied else 2) + layers * (2 * d * q + 2 * d * kv + 3 * d * ffn)
+
+
+def memory_estimate(shape, tied, tokens, logits_chunk=1024, disc_dim=512, disc_layers=2):
+    """Bytes for one GANPO micro-batch of `tokens` tokens, bf16 autocast + gradient checkpointing.
+
+    Weights stay float32 (autocast keeps master weights), so the state is 20 bytes per parameter:
+    policy weights 4 + gradients 4 + AdamW moments 8, and the frozen reference 4. Activations: the
+    checkpoint keeps each layer's float32 input (4·L·d bytes per token), plus about 60·d + 8·ffn
+    bytes per token for the layer being recomputed, the two models' last hidden states and their
+    gradients; one LM-head chunk holds its logits in bf16 and float32 and their gradient (10·V bytes
+    per row). Discriminators: 16 bytes per parameter. Fused GPU attention is assumed (no T² terms)."""
+    layers, d, q, kv, ffn, vocab = shape
+    state = 20 * n_params(shape, tied)
+    acts = tokens * (4 * layers * d + 60 * d + 8 * ffn) + 10 * min(logits_chunk, tokens) * vocab
+    disc = 2 * 16 * (d * disc_dim + disc_layers * 12 * disc_dim ** 2 + disc_dim ** 2)
+    return state + acts + disc
+
+
+def print_gpu_fit(pairs, T):
+    tokens = 2 * pairs * T
+    print(f"Estimated memory of GANPO training, bf16 autocast + gradient checkpointing, one micro-batch of "
+          f"{pairs} pairs x {T} tokens ({tokens} tokens); see memory_estimate() for the formula")
+    print(f"{'model':14s} {'params':>7s} {'state GiB':>9s} {'total GiB':>9s}  " + "  ".join(f"{g:>6s}" for g in GPUS_GIB))
+    for name, (shape, tied) in FIT_MODELS.items():
+        total = memory_estimate(shape, tied, tokens) / 2 ** 30
+        fits = "  ".join(f"{'fits' if total + 1.5 <= cap else '-':>6s}" for cap in GPUS_GIB.values())
+        print(f"{name:14s} {n_params(shape, tied) / 1e9:6.2f}B {20 * n_params(shape, tied) / 2 ** 30:9.1f} "
+              f"{total:9.1f}  {fits}")
+    print("(1.5 GiB is kept free for the CUDA context and allocator slack)")
+
+
 def main():
     cfg = HfArgumentParser(BenchConfig).parse_args_into_dataclasses()[0]
     if cfg.only not in ("", "dpo", "ganpo"):
@@ -162,6 +211,8 @@ def main():
     if cfg.vocab_size and cfg.model != "tiny":
         fail("--vocab_size works with --model tiny only")
 
+    if cfg.gpu_fit:
+        return print_gpu_fit(cfg.batch_size, cfg.max_length)
     if cfg.only:  # child: one update alone; peak over a warm-up step (optimizer state appears) and one more
         step, device, _ = setup(cfg, [cfg.only])
         ganpo.reset_peak_memory(device)

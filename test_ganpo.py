@@ -594,6 +594,8 @@ def test_step_flops_formula_matches_the_flops_torch_counts(tokenizer, checkpoint
                              nullcontext)
         counted[arm] = counter.get_total_flops()
     dpo, extra = bench.step_flops(bench.shape_of(policy.config), pairs, T, P, 32, 2, "all", checkpointing)
+    norms = sum(p.numel() for n, p in policy.named_parameters() if "norm" in n)  # the only weights n_params leaves out
+    assert bench.n_params(bench.shape_of(policy.config), tied=True) + norms == sum(p.numel() for p in policy.parameters())
     assert dpo == pytest.approx(counted["dpo"], rel=0.03)
     assert dpo + extra == pytest.approx(counted["ganpo"], rel=0.03)
 

@@ -22,7 +22,7 @@ from trl import DPOConfig, DPOTrainer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ganpo  # noqa: E402
-from bench import BenchConfig  # noqa: E402
+from bench import BenchConfig, random_examples  # noqa: E402
 
 
 def main():
@@ -36,10 +36,7 @@ def main():
     if cfg.gradient_checkpointing:
         ganpo.enable_checkpointing(ours)
 
-    V, P, L = ours.config.vocab_size, cfg.max_length // 4, cfg.max_length
-    gen = torch.Generator().manual_seed(cfg.seed)
-    ids = lambda n: torch.randint(0, V, (n,), generator=gen).tolist()  # noqa: E731
-    examples = [{"prompt": ids(P), "chosen": ids(L - P), "rejected": ids(L - P)} for _ in range(cfg.batch_size)]
+    examples = random_examples(ours.config.vocab_size, cfg.batch_size, cfg.max_length, cfg.seed)
     our_batch = {k: v.to(device) for k, v in ganpo.collate(examples, tokenizer.pad_token_id).items()}
     our_opt = torch.optim.AdamW(ours.parameters(), lr=1e-6)
     loss_cfg = ganpo.LossConfig(adv_weight=0)
