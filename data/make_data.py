@@ -1,6 +1,6 @@
 """Make the bundled preference data: short reviews sampled from SmolLM2, ranked by VADER sentiment.
 
-    python data/make_data.py            # resumable; ~1 h on 2 CPU cores; writes data/{train,test,shift}.jsonl
+    python data/make_data.py            # resumable; ~2 h on 2 CPU cores; writes data/{train,test,shift}.jsonl
 
 Each prompt asks the packaged SmolLM2-135M-Instruct for a short review or description of something
 in one topic category. We draw `--samples` completions at temperature 1, score each with VADER's
@@ -10,7 +10,8 @@ gap is at least `--min_gap`. The ground-truth reward of the task is therefore "b
 Splits: `train` and `test` use the same 8 categories but disjoint prompts; `shift` uses 2 categories
 that never appear in train. Every sample is appended to data/samples.jsonl as it is made, so an
 interrupted run continues where it stopped; the split files are rebuilt from it at the end.
-The same --seed on the same machine reproduces the files exactly (sampling is seeded per batch).
+The same --seed on the same machine reproduces the files exactly (sampling is seeded per batch and
+round of 4 samples, so asking for more samples later keeps the ones already drawn).
 """
 import argparse
 import itertools
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ganpo  # noqa: E402  (the model loader lives in ganpo.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+PER_ROUND = 4  # completions per prompt in one generate() call
 
 # category -> (adjectives, kinds): subjects are "a/an {adjective} {kind}"
 CATEGORIES = {
@@ -109,7 +111,7 @@ def main():
     p.add_argument("--train_per_cat", type=int, default=175, help="train prompts per in-distribution category")
     p.add_argument("--test_per_cat", type=int, default=35, help="test prompts per in-distribution category")
     p.add_argument("--shift_per_cat", type=int, default=140, help="prompts per shift category")
-    p.add_argument("--samples", type=int, default=4, help="completions per prompt")
+    p.add_argument("--samples", type=int, default=8, help=f"completions per prompt, drawn {PER_ROUND} at a time")
     p.add_argument("--max_new_tokens", type=int, default=48, help="length cap of each completion")
     p.add_argument("--batch_prompts", type=int, default=32, help="prompts per generate() call")
     p.add_argument("--min_gap", type=float, default=0.5, help="keep a pair when VADER(chosen) - VADER(rejected) >= this")
@@ -132,32 +134,39 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     analyzer = SentimentIntensityAnalyzer()
     batches = [prompts[i:i + args.batch_prompts] for i in range(0, len(prompts), args.batch_prompts)]
+    rounds = -(-args.samples // PER_ROUND)
     for b, batch in enumerate(batches):
-        if all(i in done for i, *_ in batch):
-            continue
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
                                                add_generation_prompt=True) for _, _, _, t in batch]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        torch.manual_seed(args.seed * 100_003 + b)  # per batch, so a resumed run draws the same samples
-        with torch.no_grad():
-            out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                 max_new_tokens=args.max_new_tokens, num_return_sequences=args.samples,
-                                 pad_token_id=tokenizer.pad_token_id)
-        completions = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-        with open(samples_path, "a") as f:
-            for j, (i, split, cat, text) in enumerate(batch):
-                outs = [c.strip() for c in completions[j * args.samples:(j + 1) * args.samples]]
-                r = {"id": i, "split": split, "category": cat, "prompt": text, "completions": outs,
-                     "scores": [analyzer.polarity_scores(c)["compound"] for c in outs]}
-                done[i] = r
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        print(f"batch {b + 1}/{len(batches)} | prompts done {len(done)}/{len(prompts)}", flush=True)
+        for r in range(rounds):
+            if all(i in done and len(done[i]["completions"]) >= (r + 1) * PER_ROUND for i, *_ in batch):
+                continue
+            # seeded per (batch, round): a resumed run, or one asking for more samples, draws the same ones
+            torch.manual_seed(args.seed * 100_003 + b + 7_919 * r)
+            with torch.no_grad():
+                out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                     max_new_tokens=args.max_new_tokens, num_return_sequences=PER_ROUND,
+                                     pad_token_id=tokenizer.pad_token_id)
+            completions = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+            with open(samples_path, "a") as f:  # a later line for the same id replaces the earlier one
+                for j, (i, split, cat, text) in enumerate(batch):
+                    outs = [c.strip() for c in completions[j * PER_ROUND:(j + 1) * PER_ROUND]]
+                    prev = done[i] if i in done else {"completions": [], "scores": []}
+                    row = {"id": i, "split": split, "category": cat, "prompt": text,
+                           "completions": prev["completions"][:r * PER_ROUND] + outs,
+                           "scores": prev["scores"][:r * PER_ROUND] + [analyzer.polarity_scores(c)["compound"] for c in outs]}
+                    done[i] = row
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            print(f"batch {b + 1}/{len(batches)} | round {r + 1}/{rounds} ({PER_ROUND} samples per prompt)", flush=True)
+    # one line per prompt from here on: rewrite the appended log compactly (atomically)
+    write_jsonl_atomic(samples_path, [done[i] for i in sorted(done)])
 
     splits = {"train": [], "test": [], "shift": []}
     for i, split, cat, text in prompts:
-        r = done[i]
+        r = {k: (v[:args.samples] if k in ("completions", "scores") else v) for k, v in done[i].items()}
         hi = max(range(len(r["scores"])), key=lambda k: r["scores"][k])
         lo = min(range(len(r["scores"])), key=lambda k: r["scores"][k])
         if r["scores"][hi] - r["scores"][lo] < args.min_gap or not r["completions"][lo] or not r["completions"][hi]:
