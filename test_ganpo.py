@@ -1,4 +1,4 @@
-"""Tests: CPU only, offline, about a minute.
+"""Tests: CPU only, offline, under two minutes on 2 cores.
 
     HF_HUB_OFFLINE=1 python -m pytest -q test_ganpo.py
 
