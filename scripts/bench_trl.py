@@ -22,24 +22,16 @@ from trl import DPOConfig, DPOTrainer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ganpo  # noqa: E402
-from bench import BenchConfig, random_examples  # noqa: E402
+from bench import BenchConfig, random_examples, setup  # noqa: E402
 
 
 def main():
     cfg = HfArgumentParser(BenchConfig).parse_args_into_dataclasses()[0]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    use_bf16, autocast = ganpo.precision(device, cfg.dtype)
+    our_step, device, _ = setup(cfg, ["dpo"])  # bench.py's DPO update (λ = 0) on its random batch
+    use_bf16, _ = ganpo.precision(device, cfg.dtype)
     tokenizer = ganpo.load_tokenizer(cfg.model)
-    ours = ganpo.load_policy(cfg.model, tokenizer, cfg.seed).to(device).train()
-    ref = ganpo.make_reference(ours)
     theirs = ganpo.load_policy(cfg.model, tokenizer, cfg.seed).to(device).train()
-    if cfg.gradient_checkpointing:
-        ganpo.enable_checkpointing(ours)
-
-    examples = random_examples(ours.config.vocab_size, cfg.batch_size, cfg.max_length, cfg.seed)
-    our_batch = {k: v.to(device) for k, v in ganpo.collate(examples, tokenizer.pad_token_id).items()}
-    our_opt = torch.optim.AdamW(ours.parameters(), lr=1e-6)
-    loss_cfg = ganpo.LossConfig(adv_weight=0)
+    examples = random_examples(theirs.config.vocab_size, cfg.batch_size, cfg.max_length, cfg.seed)  # the same ids
 
     args = DPOConfig(output_dir="/tmp/bench_trl", report_to=[], per_device_train_batch_size=cfg.batch_size,
                      learning_rate=1e-6, max_grad_norm=1.0, bf16=use_bf16, use_cpu=device == "cpu",
@@ -61,10 +53,7 @@ def main():
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
 
-    def our_step():
-        ganpo.ganpo_step(ours, ref, None, our_opt, None, [our_batch], loss_cfg, {}, autocast)
-
-    steps = {"trl": trl_step, "ours": our_step}
+    steps = {"trl": trl_step, "ours": lambda: our_step("dpo")}
     times = {k: [] for k in steps}
     for fn in steps.values():  # warm-up
         fn()
