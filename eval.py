@@ -213,7 +213,8 @@ def evaluate_run(run, cfg, score):
         examples, dropped = ganpo.tokenize_rows(rows, tokenizer, train_cfg["max_length"], train_cfg["max_prompt_length"])
         if not examples:
             fail(f"--data {data} [{split}]: no pairs left after truncation")
-        batches = [{k: v.to(DEVICE) for k, v in b.items()} for b in ganpo.batches_of(examples, cfg.batch_size, tokenizer.pad_token_id)]
+        batches = [{k: v.to(DEVICE) for k, v in b.items()}
+                   for b in ganpo.batches_of(examples, cfg.batch_size, tokenizer.pad_token_id)]
         prefs, latents = ganpo.evaluate(policy, ref, batches, loss_cfg, nullcontext, latents=True)
         latents = {k: v.cpu() for k, v in latents.items()}
         split_result = {"pairs": len(examples), "dropped": dropped, **prefs, **latent_drift(latents, cfg.seed),
