@@ -4,11 +4,13 @@
     python bench.py --gradient_checkpointing          # the same, recomputing decoder activations
     python bench.py --model tiny --vocab_size 151936 --batch_size 8 --max_length 512 --logits_chunk 0
     python bench.py --json                            # ... and one JSON line of results at the end
+    python bench.py --matmul                          # this machine's plain matmul rate, fp32 and bf16 autocast
 
 Both updates share one policy and reference and run in one process, interleaved after a warm-up
 step each (DPO, GANPO, GANPO, DPO, ...), so a change in the machine's speed hits both alike; we
 report the median seconds per step. The warm-up steps run under torch's FLOP counter, which gives
-the ratio that arithmetic alone predicts. Peak memory is measured for each update alone, in a fresh
+the ratio that arithmetic alone predicts; a plain matmul timed in the same precision tells how
+close each update's arithmetic comes to the rate the hardware reaches at best. Peak memory is measured for each update alone, in a fresh
 child process: memory that one update frees stays with the allocator and would hide the other's
 peak. The batch is random token ids: P = max_length / 4 prompt tokens, then max_length - P
 completion tokens for chosen and for rejected, no padding.
@@ -49,6 +51,7 @@ class BenchConfig:
     seed: int = field(default=0, metadata={"help": "seeds the random batch and the discriminators"})
     json: bool = field(default=False, metadata={"help": "print one JSON line of results at the end"})
     gpu_fit: bool = field(default=False, metadata={"help": "print the estimated memory of common models on 24/80/141 GB GPUs and exit"})
+    matmul: bool = field(default=False, metadata={"help": "print this machine's matmul rate in fp32 and bf16 autocast and exit"})
     only: str = field(default="", metadata={"help": "internal: run dpo or ganpo alone and print its peak memory"})
 
 
@@ -101,6 +104,21 @@ def step_flops(shape, pairs, T, P, disc_dim, disc_layers, disc_tokens="all", che
     disc_fwd = seqs * t_disc * (2 * d * disc_dim + disc_layers * per_token)
     proj = seqs * t_disc * 2 * d * disc_dim
     return dpo, 11 * disc_fwd - 3 * proj
+
+
+def matmul_rate(device, autocast, n=2048, seconds=1.0):
+    """FLOP/s of a plain (n x n) @ (n x n) matmul under `autocast` on this device, timed for about
+    `seconds`: the rate that a step's arithmetic could reach at best here."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    with autocast():
+        a @ b  # warm-up
+        count, t0 = 0, time.perf_counter()
+        while count == 0 or time.perf_counter() - t0 < seconds:
+            a @ b
+            if device == "cuda":
+                torch.cuda.synchronize()
+            count += 1
+        return 2 * n ** 3 * count / (time.perf_counter() - t0)
 
 
 def random_examples(vocab_size, pairs, max_length, seed):
@@ -213,6 +231,13 @@ def main():
 
     if cfg.gpu_fit:
         return print_gpu_fit(cfg.batch_size, cfg.max_length)
+    if cfg.matmul:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        for dtype in ("fp32", "bf16"):
+            rate = matmul_rate(device, ganpo.precision(device, dtype)[1])
+            print(f"{device} ({torch.get_num_threads()} threads): 2048 x 2048 matmul, "
+                  f"{'bf16 autocast' if dtype == 'bf16' else 'fp32'}: {rate / 1e9:.1f} GFLOP/s")
+        return
     if cfg.only:  # child: one update alone; peak over a warm-up step (optimizer state appears) and one more
         step, device, _ = setup(cfg, [cfg.only])
         ganpo.reset_peak_memory(device)
@@ -223,6 +248,7 @@ def main():
 
     step, device, info = setup(cfg, ["dpo", "ganpo"])
     arms = ("dpo", "ganpo")
+    rate = matmul_rate(device, ganpo.precision(device, cfg.dtype)[1])
     flops = {}
     for arm in arms:  # warm-up, counting FLOPs
         with FlopCounterMode(display=False) as counter:
@@ -246,6 +272,11 @@ def main():
               "flop_ratio_counted": flops["ganpo"] / flops["dpo"], "flop_ratio_formula": 1 + gan_f / dpo_f,
               "memory_ratio": peak["ganpo"] / peak["dpo"] if peak else None,
               "mfu": {a: flops[a] / secs[a] / (peak_tflops * 1e12) for a in arms} if device == "cuda" and peak_tflops else None,
+              "matmul_flops_per_s": rate,
+              # how close each update's arithmetic comes to a plain matmul's rate; "extra": what GANPO adds
+              "efficiency": {**{a: flops[a] / secs[a] / rate for a in arms},
+                             "extra": ((flops["ganpo"] - flops["dpo"]) / (secs["ganpo"] - secs["dpo"]) / rate
+                                       if secs["ganpo"] > secs["dpo"] else None)},
               "predicted_ratio": {}}
     for name, shape in REFERENCE_MODELS.items():
         d, g = step_flops(shape, cfg.batch_size, cfg.max_length, info["prompt_tokens"], cfg.disc_dim, cfg.disc_layers,
@@ -263,6 +294,9 @@ def main():
     mem = f" | peak memory {result['memory_ratio']:.3f}" if peak else ""
     print(f"GANPO/DPO: time {result['time_ratio']:.3f}{mem} | FLOPs {result['flop_ratio_counted']:.3f} counted, "
           f"{result['flop_ratio_formula']:.3f} by step_flops()")
+    eff = {k: "n/a" if v is None else f"{v:.0%}" for k, v in result["efficiency"].items()}
+    print(f"arithmetic rate vs a plain matmul here ({rate / 1e9:.1f} GFLOP/s): DPO {eff['dpo']}, "
+          f"GANPO {eff['ganpo']}, what GANPO adds {eff['extra']}")
     print("FLOP-predicted GANPO/DPO time for the same batch: "
           + " | ".join(f"{k} {v:.3f}" for k, v in result["predicted_ratio"].items()))
     if cfg.json:

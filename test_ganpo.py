@@ -626,6 +626,11 @@ def test_bench_reports_times_memory_and_flop_ratios(tmp_path):
     predicted = list(r["predicted_ratio"].values())  # 0.5B, 1.7B, 8B: the overhead shrinks as models grow
     assert predicted == sorted(predicted, reverse=True) and predicted[-1] < 1.01
     assert "GANPO/DPO: time" in out.stdout
+    rate = r["matmul_flops_per_s"]  # efficiency = achieved FLOP/s over a plain matmul's FLOP/s here
+    for arm in ("dpo", "ganpo"):
+        assert r["efficiency"][arm] == pytest.approx(r["flops"][arm] / r["seconds"][arm] / rate)
+    extra = (r["flops"]["ganpo"] - r["flops"]["dpo"]) / (r["seconds"]["ganpo"] - r["seconds"]["dpo"]) / rate
+    assert r["efficiency"]["extra"] == pytest.approx(extra)
 
 
 # ----------------------------------------------------------------------------- experiments/run.py
