@@ -654,3 +654,13 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_and_reports_it(tmp_p
     rep = subprocess.run([*grid, "--report"], capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
     assert rep.returncode == 0, rep.stderr[-2000:]
     assert "| dpo | 0.2 | test | 1 |" in (tmp_path / "results.md").read_text()
+    # paired differences: a made-up GANPO cell of the same seed, 0.1 more accurate on test, 1.5x the step time
+    g = {**r, "method": "ganpo", "name": "ganpo-n0.2-s0", "step_time_median_s": 1.5 * r["step_time_median_s"]}
+    g["eval"] = json.loads(json.dumps(r["eval"]))
+    g["eval"]["test"]["rewards/accuracies"] += 0.1
+    (tmp_path / "results" / "ganpo-n0.2-s0.json").write_text(json.dumps(g))
+    rep = subprocess.run([*grid, "--report"], capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    text = (tmp_path / "results.md").read_text()
+    assert "| ganpo − dpo | 0.2 | test | 1 | 0.100 | 0.000 | 0.000 | 0.000 | 0.000 | 1.500 | 1.000 |" in text
+    assert "| ganpo − dpo | 0.2 | shift | 1 | 0.000 |" in text

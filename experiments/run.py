@@ -138,6 +138,7 @@ def report(args):
                     mean_sd([e["latent/mmd2"] for e in ev]), mean_sd([g.get("degenerate") for g in gen]),
                     mean_sd([g.get("distinct_2") for g in gen])]
             lines.append(f"| {method} | {noise:g} | {split} | {len(ev)} | " + " | ".join(cols) + " |")
+    lines += paired(done, t)
     lines += ["", "| method | cells | median s/step | peak memory GiB | train wall s | eval wall s |", "|---|---|---|---|---|---|"]
     by_method = {}
     for r in done:
@@ -152,6 +153,39 @@ def report(args):
         f.write(text)
     print(text)
     plot(done, groups, os.path.join(args.results, "..", "results.png"), t)
+
+
+PAIRS = (("dpo", "ganpo"), ("simpo", "ganpo-simpo"))  # (base loss, the same loss + the adversarial term)
+
+
+def paired(done, t):
+    """GANPO minus its base loss on the same seed and noise (same pairs, same order), mean ± sd over
+    seeds: the seed-to-seed spread of the differences, not of each method alone."""
+    by_key = {(r["method"], r["noise"], r["seed"]): r for r in done}
+    lines = ["", f"Paired differences, (method with the adversarial term) − (its base loss), same seed and noise; "
+             f"generation at T = {t}. Time and memory are ratios.", "",
+             "| pair | noise | split | n | Δ pref. acc | Δ reward | Δ win rate | Δ KL | Δ MMD² | s/step ratio | memory ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = 0
+    for base, gan in PAIRS:
+        for noise in sorted({k[1] for k in by_key}):
+            seeds = sorted(k[2] for k in by_key if k[0] == gan and k[1] == noise and (base, noise, k[2]) in by_key)
+            if not seeds:
+                continue
+            pairs = [(by_key[(base, noise, s)], by_key[(gan, noise, s)]) for s in seeds]
+            ratio = [mean_sd([g[k] / b[k] for b, g in pairs]) for k in ("step_time_median_s", "peak_memory_gib")]
+            for split in SPLITS:
+                def delta(get):
+                    return mean_sd([get(g["eval"][split]) - get(b["eval"][split]) for b, g in pairs])
+
+                def gen(key):
+                    return lambda e: e["generation"][str(t)][key]
+                cols = [delta(lambda e: e["rewards/accuracies"]), delta(gen("reward")), delta(gen("win_rate")),
+                        delta(gen("kl")), delta(lambda e: e["latent/mmd2"])]
+                lines.append(f"| {gan} − {base} | {noise:g} | {split} | {len(seeds)} | " + " | ".join(cols)
+                             + f" | {ratio[0]} | {ratio[1]} |")
+                rows += 1
+    return lines if rows else []
 
 
 def plot(done, groups, path, t):
