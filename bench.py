@@ -5,6 +5,7 @@
     python bench.py --model tiny --vocab_size 151936 --batch_size 8 --max_length 512 --logits_chunk 0
     python bench.py --json                            # ... and one JSON line of results at the end
     python bench.py --matmul                          # this machine's plain matmul rate, fp32 and bf16 autocast
+    python bench.py --disc_attention_dropout 0        # what-if: no dropout on the discriminators' attention weights
 
 Both updates share one policy and reference and run in one process, interleaved after a warm-up
 step each (DPO, GANPO, GANPO, DPO, ...), so a change in the machine's speed hits both alike; we
@@ -44,6 +45,7 @@ class BenchConfig:
     disc_dim: int = field(default=512, metadata={"help": "discriminator width"})
     disc_layers: int = field(default=2, metadata={"help": "discriminator transformer layers"})
     disc_heads: int = field(default=8, metadata={"help": "discriminator attention heads"})
+    disc_attention_dropout: float = field(default=-1.0, metadata={"help": "what-if: dropout on the discriminators' attention weights (-1 = as trained: their dropout, 0.1)"})
     logits_chunk: int = field(default=1024, metadata={"help": "completion tokens per LM-head chunk (0 = all at once)"})
     vocab_size: int = field(default=0, metadata={"help": "--model tiny only: vocabulary size (0 = the tokenizer's)"})
     memory: bool = field(default=True, metadata={"help": "measure peak memory in child processes (--no_memory skips)"})
@@ -155,6 +157,9 @@ def setup(cfg, arms):
         discs = ganpo.build_discriminators(policy.config.hidden_size, d_disc=cfg.disc_dim, n_layers=cfg.disc_layers,
                                            n_heads=cfg.disc_heads).to(device)
         disc_opt = torch.optim.AdamW(discs.parameters(), lr=5e-7, weight_decay=0.01)
+        if cfg.disc_attention_dropout >= 0:  # on CPU no fused attention kernel takes dropout: measure what it costs
+            for layer in [layer for d in discs.values() for layer in d.encoder.layers]:
+                layer.self_attn.dropout = cfg.disc_attention_dropout
     chunk = cfg.logits_chunk or 10 ** 12
     loss_cfgs = {"dpo": ganpo.LossConfig(adv_weight=0, logits_chunk=chunk),
                  "ganpo": ganpo.LossConfig(adv_weight=cfg.adv_weight, disc_tokens=cfg.disc_tokens, logits_chunk=chunk)}
