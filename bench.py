@@ -5,16 +5,16 @@
     python bench.py --model tiny --vocab_size 151936 --batch_size 8 --max_length 512 --logits_chunk 0
     python bench.py --json                            # ... and one JSON line of results at the end
     python bench.py --matmul                          # this machine's plain matmul rate, fp32 and bf16 autocast
-    python bench.py --disc_attention_dropout 0        # what-if: no dropout on the discriminators' attention weights
+    python bench.py --disc_attention_dropout 0        # what-if: discriminators without attention dropout
 
 Both updates share one policy and reference and run in one process, interleaved after a warm-up
 step each (DPO, GANPO, GANPO, DPO, ...), so a change in the machine's speed hits both alike; we
 report the median seconds per step. The warm-up steps run under torch's FLOP counter, which gives
 the ratio that arithmetic alone predicts; a plain matmul timed in the same precision tells how
-close each update's arithmetic comes to the rate the hardware reaches at best. Peak memory is measured for each update alone, in a fresh
-child process: memory that one update frees stays with the allocator and would hide the other's
-peak. The batch is random token ids: P = max_length / 4 prompt tokens, then max_length - P
-completion tokens for chosen and for rejected, no padding.
+close each update's arithmetic comes to the rate the hardware reaches at best. Peak memory is
+measured for each update alone, in a fresh child process: memory that one update frees stays
+with the allocator and would hide the other's peak. The batch is random token ids: P = max_length
+/ 4 prompt tokens, then max_length - P completion tokens for chosen and for rejected, no padding.
 """
 import json
 import os
@@ -45,7 +45,7 @@ class BenchConfig:
     disc_dim: int = field(default=512, metadata={"help": "discriminator width"})
     disc_layers: int = field(default=2, metadata={"help": "discriminator transformer layers"})
     disc_heads: int = field(default=8, metadata={"help": "discriminator attention heads"})
-    disc_attention_dropout: float = field(default=-1.0, metadata={"help": "what-if: dropout on the discriminators' attention weights (-1 = as trained: their dropout, 0.1)"})
+    disc_attention_dropout: float = field(default=-1.0, metadata={"help": "what-if: discriminator attention dropout (-1 = as trained, 0.1)"})
     logits_chunk: int = field(default=1024, metadata={"help": "completion tokens per LM-head chunk (0 = all at once)"})
     vocab_size: int = field(default=0, metadata={"help": "--model tiny only: vocabulary size (0 = the tokenizer's)"})
     memory: bool = field(default=True, metadata={"help": "measure peak memory in child processes (--no_memory skips)"})
@@ -108,19 +108,22 @@ def step_flops(shape, pairs, T, P, disc_dim, disc_layers, disc_tokens="all", che
     return dpo, 11 * disc_fwd - 3 * proj
 
 
-def matmul_rate(device, autocast, n=2048, seconds=1.0):
-    """FLOP/s of a plain (n x n) @ (n x n) matmul under `autocast` on this device, timed for about
-    `seconds`: the rate that a step's arithmetic could reach at best here."""
+def matmul_rate(device, autocast, n=2048, seconds=0.5, repeats=3):
+    """FLOP/s of a plain (n x n) @ (n x n) matmul under `autocast` on this device: the best of
+    `repeats` windows of about `seconds` each, the rate that a step's arithmetic could reach at best."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    rates = []
     with autocast():
         a @ b  # warm-up
-        count, t0 = 0, time.perf_counter()
-        while count == 0 or time.perf_counter() - t0 < seconds:
-            a @ b
-            if device == "cuda":
-                torch.cuda.synchronize()
-            count += 1
-        return 2 * n ** 3 * count / (time.perf_counter() - t0)
+        for _ in range(repeats):
+            count, t0 = 0, time.perf_counter()
+            while count == 0 or time.perf_counter() - t0 < seconds:
+                a @ b
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                count += 1
+            rates.append(2 * n ** 3 * count / (time.perf_counter() - t0))
+    return max(rates)
 
 
 def random_examples(vocab_size, pairs, max_length, seed):
@@ -238,10 +241,11 @@ def main():
         return print_gpu_fit(cfg.batch_size, cfg.max_length)
     if cfg.matmul:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        for dtype in ("fp32", "bf16"):
-            rate = matmul_rate(device, ganpo.precision(device, dtype)[1])
-            print(f"{device} ({torch.get_num_threads()} threads): 2048 x 2048 matmul, "
-                  f"{'bf16 autocast' if dtype == 'bf16' else 'fp32'}: {rate / 1e9:.1f} GFLOP/s")
+        # bf16 only at 512: where there are no bf16 matrix units one 2048 x 2048 bf16 matmul takes minutes
+        for dtype, n in (("fp32", 2048), ("fp32", 512), ("bf16", 512)):
+            rate = matmul_rate(device, ganpo.precision(device, dtype)[1], n=n)
+            print(f"{device} ({torch.get_num_threads()} threads): {n} x {n} matmul, "
+                  f"{'bf16 autocast' if dtype == 'bf16' else 'fp32'}: {rate / 1e9:.2f} GFLOP/s")
         return
     if cfg.only:  # child: one update alone; peak over a warm-up step (optimizer state appears) and one more
         step, device, _ = setup(cfg, [cfg.only])

@@ -152,7 +152,8 @@ def precision(device, dtype):
     """-> (use_bf16, autocast): `dtype` auto | bf16 | fp32. Parameters stay float32 either way.
 
     auto = bf16 autocast on a GPU with bf16 support, float32 elsewhere: on CPUs without bf16 matrix
-    units (like the 2-core machine this was written on) bf16 matmuls run ~6x slower than float32."""
+    units (like the 2-core machine this was written on) bf16 matmuls run ~100x slower than float32
+    (`python bench.py --matmul`)."""
     use_bf16 = dtype == "bf16" or (dtype == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
     return use_bf16, lambda: torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16)
 
