@@ -635,7 +635,7 @@ def test_bench_reports_times_memory_and_flop_ratios(tmp_path):
 
 # ----------------------------------------------------------------------------- experiments/run.py
 
-def test_experiment_grid_records_a_cell_skips_it_when_rerun_and_reports_it(tmp_path):
+def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_reports_it(tmp_path):
     grid = [sys.executable, os.path.join(HERE, "experiments", "run.py"), "--methods", "dpo", "--noise", "0.2",
             "--seeds", "0", "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"),
             "--train_flags", "--model tiny --max_steps 1 --batch_size 2 --max_length 48 --max_prompt_length 40",
@@ -651,6 +651,19 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_and_reports_it(tmp_p
     assert not (tmp_path / "runs" / "dpo-n0.2-s0").exists()  # weights deleted once recorded
     again = subprocess.run(grid, capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
     assert again.returncode == 0 and "training" not in again.stdout  # a finished cell is not rerun
+    # the same cell run again into another folder reproduces every figure; a changed figure is named
+    other = [*grid, "--results", str(tmp_path / "check")]
+    assert subprocess.run(other, capture_output=True, text=True, env=env, cwd=HERE, timeout=300).returncode == 0
+    cmp = subprocess.run([*grid, "--compare", str(tmp_path / "check")], capture_output=True, text=True, env=env,
+                         cwd=HERE, timeout=300)
+    assert cmp.returncode == 0 and "dpo-n0.2-s0: every figure equal" in cmp.stdout, cmp.stdout + cmp.stderr
+    changed = json.loads((tmp_path / "check" / "dpo-n0.2-s0.json").read_text())
+    changed["eval"]["shift"]["latent/mmd2"] += 1e-6
+    (tmp_path / "check" / "dpo-n0.2-s0.json").write_text(json.dumps(changed))
+    cmp = subprocess.run([*grid, "--compare", str(tmp_path / "check")], capture_output=True, text=True, env=env,
+                         cwd=HERE, timeout=300)
+    assert cmp.returncode == 1 and "1 figures differ" in cmp.stdout and "/eval/shift/latent/mmd2" in cmp.stdout
+    assert "1 of 1 cells" in cmp.stderr
     rep = subprocess.run([*grid, "--report"], capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
     assert rep.returncode == 0, rep.stderr[-2000:]
     assert "| dpo | 0.2 | test | 1 |" in (tmp_path / "results.md").read_text()

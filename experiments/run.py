@@ -4,6 +4,8 @@
     python experiments/run.py --only ganpo-n0.2-s0   # some cells (comma list of names)
     python experiments/run.py --dry_run              # list the cells and their commands
     python experiments/run.py --report               # table (results.md) and figure (results.png) from finished cells
+    python experiments/run.py --only dpo-n0-s0 --results /tmp/check && \
+        python experiments/run.py --compare /tmp/check   # rerun a cell elsewhere, check its figures match
 
 A cell is method x label noise x seed. It trains with train.py's defaults (SmolLM2-135M-Instruct,
 bundled data, 32 steps of 8 pairs) plus the method's flags, --label_noise and --seed, then scores
@@ -100,6 +102,42 @@ def run_cell(cell, args):
         shutil.rmtree(run)
     print(f"[{time.strftime('%H:%M:%S')}] {cell['name']}: done in {train_s + eval_s:.0f} s "
           f"(train {train_s:.0f} s, eval {eval_s:.0f} s) -> {path}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------- compare
+
+# what may differ between two runs of the same cell: where and when it ran, and how long it took
+CIRCUMSTANCES = {"commit", "train_command", "eval_command", "hardware", "train_wall_s", "eval_wall_s",
+                 "step_time_median_s", "peak_memory_gib", "resume", "output_dir", "step_time", "tokens_per_s",
+                 "memory/peak_gib"}
+
+
+def differences(a, b, path=""):
+    """(path, a, b) for every figure that differs between two records of a cell."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) if k not in CIRCUMSTANCES
+                for d in differences(a.get(k), b.get(k), f"{path}/{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [(path, a, b)]
+
+
+def compare(args):
+    """Every cell in --compare that --results also holds: are all its figures equal?"""
+    names = sorted(n for n in os.listdir(args.compare) if n.endswith(".json")) if os.path.isdir(args.compare) else []
+    names = [n for n in names if os.path.isfile(os.path.join(args.results, n))]
+    if not names:
+        sys.exit(f"error: --compare {args.compare}: no finished cell that {args.results} also holds")
+    bad = 0
+    for name in names:
+        with open(os.path.join(args.results, name)) as f, open(os.path.join(args.compare, name)) as g:
+            diffs = differences(json.load(f), json.load(g))
+        print(f"{name[:-5]}: " + ("every figure equal" if not diffs else f"{len(diffs)} figures differ"))
+        for path, x, y in diffs[:10]:
+            print(f"  {path}: {x!r} vs {y!r}")
+        bad += bool(diffs)
+    if bad:
+        sys.exit(f"error: {bad} of {len(names)} cells in {args.compare} differ from {args.results}")
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -234,12 +272,15 @@ def main():
     p.add_argument("--temperature", type=float, default=1.0, help="--report: temperature of the table's generation columns")
     p.add_argument("--dry_run", action="store_true", help="list the cells and their commands, run nothing")
     p.add_argument("--report", action="store_true", help="write results.md and results.png from finished cells")
+    p.add_argument("--compare", default="", help="a second results folder: check its cells' figures equal --results'")
     args = p.parse_args()
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
         sys.exit(f"error: --methods {','.join(unknown)}: expected some of {', '.join(METHODS)}")
     if args.report:
         return report(args)
+    if args.compare:
+        return compare(args)
     todo = cells(args)
     if args.only:
         names = set(args.only.split(","))
