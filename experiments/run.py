@@ -134,7 +134,7 @@ def compare(args):
             diffs = differences(json.load(f), json.load(g))
         print(f"{name[:-5]}: " + ("every figure equal" if not diffs else f"{len(diffs)} figures differ"))
         for path, x, y in diffs[:10]:
-            print(f"  {path}: {x!r} vs {y!r}")
+            print(f"  {path}: {repr(x)[:80]} vs {repr(y)[:80]}")
         bad += bool(diffs)
     if bad:
         sys.exit(f"error: {bad} of {len(names)} cells in {args.compare} differ from {args.results}")
