@@ -664,6 +664,12 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_re
                          cwd=HERE, timeout=300)
     assert cmp.returncode == 1 and "1 figures differ" in cmp.stdout and "/eval/shift/latent/mmd2" in cmp.stdout
     assert "1 of 1 cells" in cmp.stderr
+    (tmp_path / "check" / "dpo-n0.2-s0.json").write_text("{ cut short")
+    cmp = subprocess.run([*grid, "--compare", str(tmp_path / "check")], capture_output=True, text=True, env=env,
+                         cwd=HERE, timeout=300)
+    assert cmp.returncode == 1 and cmp.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'check' / 'dpo-n0.2-s0.json'}: not a cell record (Expecting property name enclosed in "
+        "double quotes: line 1 column 3 (char 2))"]
     rep = subprocess.run([*grid, "--report"], capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
     assert rep.returncode == 0, rep.stderr[-2000:]
     assert "| dpo | 0.2 | test | 1 |" in (tmp_path / "results.md").read_text()

@@ -130,8 +130,14 @@ def compare(args):
         sys.exit(f"error: --compare {args.compare}: no finished cell that {args.results} also holds")
     bad = 0
     for name in names:
-        with open(os.path.join(args.results, name)) as f, open(os.path.join(args.compare, name)) as g:
-            diffs = differences(json.load(f), json.load(g))
+        records = []
+        for path in (os.path.join(args.results, name), os.path.join(args.compare, name)):
+            try:
+                with open(path) as f:
+                    records.append(json.load(f))
+            except json.JSONDecodeError as e:
+                sys.exit(f"error: {path}: not a cell record ({e})")
+        diffs = differences(*records)
         print(f"{name[:-5]}: " + ("every figure equal" if not diffs else f"{len(diffs)} figures differ"))
         for path, x, y in diffs[:10]:
             print(f"  {path}: {repr(x)[:80]} vs {repr(y)[:80]}")
