@@ -641,7 +641,10 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_re
             "--train_flags", "--model tiny --max_steps 1 --batch_size 2 --max_length 48 --max_prompt_length 40",
             "--eval_flags", "--limit 4 --gen_prompts 1 --samples 1 --temperatures 1.0 --max_new_tokens 4"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    first = subprocess.run(grid, capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
+
+    def run(*flags):
+        return subprocess.run([*grid, *flags], capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
+    first = run()
     assert first.returncode == 0, first.stderr[-2000:]
     path = tmp_path / "results" / "dpo-n0.2-s0.json"
     r = json.loads(path.read_text())
@@ -649,28 +652,24 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_re
     assert set(r["eval"]) == {"test", "shift"} and r["eval"]["test"]["pairs"] == 4
     assert len(r["metrics"]) == 1 and r["train_wall_s"] > 0 and r["peak_memory_gib"] > 0
     assert not (tmp_path / "runs" / "dpo-n0.2-s0").exists()  # weights deleted once recorded
-    again = subprocess.run(grid, capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
+    again = run()
     assert again.returncode == 0 and "training" not in again.stdout  # a finished cell is not rerun
     # the same cell run again into another folder reproduces every figure; a changed figure is named
-    other = [*grid, "--results", str(tmp_path / "check")]
-    assert subprocess.run(other, capture_output=True, text=True, env=env, cwd=HERE, timeout=300).returncode == 0
-    cmp = subprocess.run([*grid, "--compare", str(tmp_path / "check")], capture_output=True, text=True, env=env,
-                         cwd=HERE, timeout=300)
+    assert run("--results", str(tmp_path / "check")).returncode == 0
+    cmp = run("--compare", str(tmp_path / "check"))
     assert cmp.returncode == 0 and "dpo-n0.2-s0: every figure equal" in cmp.stdout, cmp.stdout + cmp.stderr
     changed = json.loads((tmp_path / "check" / "dpo-n0.2-s0.json").read_text())
     changed["eval"]["shift"]["latent/mmd2"] += 1e-6
     (tmp_path / "check" / "dpo-n0.2-s0.json").write_text(json.dumps(changed))
-    cmp = subprocess.run([*grid, "--compare", str(tmp_path / "check")], capture_output=True, text=True, env=env,
-                         cwd=HERE, timeout=300)
+    cmp = run("--compare", str(tmp_path / "check"))
     assert cmp.returncode == 1 and "1 figures differ" in cmp.stdout and "/eval/shift/latent/mmd2" in cmp.stdout
     assert "1 of 1 cells" in cmp.stderr
     (tmp_path / "check" / "dpo-n0.2-s0.json").write_text("{ cut short")
-    cmp = subprocess.run([*grid, "--compare", str(tmp_path / "check")], capture_output=True, text=True, env=env,
-                         cwd=HERE, timeout=300)
+    cmp = run("--compare", str(tmp_path / "check"))
     assert cmp.returncode == 1 and cmp.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'check' / 'dpo-n0.2-s0.json'}: not a cell record (Expecting property name enclosed in "
         "double quotes: line 1 column 3 (char 2))"]
-    rep = subprocess.run([*grid, "--report"], capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
+    rep = run("--report")
     assert rep.returncode == 0, rep.stderr[-2000:]
     assert "| dpo | 0.2 | test | 1 |" in (tmp_path / "results.md").read_text()
     # paired differences: a made-up GANPO cell of the same seed, 0.1 more accurate on test, 1.5x the step time
@@ -678,7 +677,7 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_re
     g["eval"] = json.loads(json.dumps(r["eval"]))
     g["eval"]["test"]["rewards/accuracies"] += 0.1
     (tmp_path / "results" / "ganpo-n0.2-s0.json").write_text(json.dumps(g))
-    rep = subprocess.run([*grid, "--report"], capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
+    rep = run("--report")
     assert rep.returncode == 0, rep.stderr[-2000:]
     text = (tmp_path / "results.md").read_text()
     assert "| ganpo − dpo | 0.2 | test | 1 | 0.100 | 0.000 | 0.000 | 0.000 | 0.000 | 1.500 | 1.000 |" in text

@@ -122,22 +122,29 @@ def differences(a, b, path=""):
     return [] if a == b else [(path, a, b)]
 
 
+def load_records(folder):
+    """{file name: record} of the finished cells in `folder` (none if it does not exist), by name."""
+    records = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".json"):
+            path = os.path.join(folder, name)
+            try:
+                with open(path) as f:
+                    records[name] = json.load(f)
+            except json.JSONDecodeError as e:
+                sys.exit(f"error: {path}: not a cell record ({e})")
+    return records
+
+
 def compare(args):
     """Every cell in --compare that --results also holds: are all its figures equal?"""
-    names = sorted(n for n in os.listdir(args.compare) if n.endswith(".json")) if os.path.isdir(args.compare) else []
-    names = [n for n in names if os.path.isfile(os.path.join(args.results, n))]
+    mine, theirs = load_records(args.results), load_records(args.compare)
+    names = sorted(set(mine) & set(theirs))
     if not names:
         sys.exit(f"error: --compare {args.compare}: no finished cell that {args.results} also holds")
     bad = 0
     for name in names:
-        records = []
-        for path in (os.path.join(args.results, name), os.path.join(args.compare, name)):
-            try:
-                with open(path) as f:
-                    records.append(json.load(f))
-            except json.JSONDecodeError as e:
-                sys.exit(f"error: {path}: not a cell record ({e})")
-        diffs = differences(*records)
+        diffs = differences(mine[name], theirs[name])
         print(f"{name[:-5]}: " + ("every figure equal" if not diffs else f"{len(diffs)} figures differ"))
         for path, x, y in diffs[:10]:
             print(f"  {path}: {repr(x)[:80]} vs {repr(y)[:80]}")
@@ -158,11 +165,7 @@ def mean_sd(values):
 
 
 def report(args):
-    done = []
-    for name in sorted(os.listdir(args.results)) if os.path.isdir(args.results) else []:
-        if name.endswith(".json"):
-            with open(os.path.join(args.results, name)) as f:
-                done.append(json.load(f))
+    done = list(load_records(args.results).values())
     if not done:
         sys.exit(f"error: no finished cells in {args.results}")
     t = args.temperature
