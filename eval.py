@@ -10,12 +10,16 @@ as train.py built it. Per split it reports
   - latent drift: policy vs reference mean-pooled last-layer states on the held-out sequences
     (cosine similarity, RBF-kernel MMD², and a fresh linear probe's held-out accuracy; the trained
     discriminators are never used, since they are part of what is judged);
+  - the discriminators' view, kept apart from the drift measures (runs whose checkpoint holds
+    discriminators): the trained discriminators' held-out AUC of reference over policy latents,
+    and of policy latents over the reference's of the other polarity;
   - generations at each temperature: reward, win rate against the reference's samples, length,
     distinct-2, share of degenerate (looping) samples, and a sampled KL estimate.
 """
 import json
 import os
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -23,9 +27,20 @@ import torch
 from transformers import HfArgumentParser
 
 import ganpo
-from train import fail  # one-line errors, exit 2
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # evaluation runs in float32 throughout
+START = time.time()
+
+
+def fail(message):
+    """One clear line and a non-zero exit, no traceback wall."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def progress(message):
+    print(f"[{time.time() - START:6.0f} s] {message}", flush=True)
+
 
 @dataclass
 class EvalConfig:
@@ -201,7 +216,9 @@ def evaluate_run(run, cfg, score):
         fail(f"{run}: cannot load the saved policy ({type(e).__name__})")
     ref = ganpo.make_reference(ganpo.load_policy(train_cfg["model"], tokenizer, train_cfg["seed"]).to(DEVICE))
     loss_cfg = ganpo.LossConfig(loss=train_cfg["loss"], beta=train_cfg["beta"], gamma=train_cfg["gamma"],
-                                label_smoothing=train_cfg["label_smoothing"], adv_weight=train_cfg["adv_weight"])
+                                label_smoothing=train_cfg["label_smoothing"], adv_weight=train_cfg["adv_weight"],
+                                disc_tokens=train_cfg.get("disc_tokens", "all"))
+    discs = load_discriminators(run, train_cfg, policy.config.hidden_size)
     data = cfg.data or train_cfg["data"]
     result = {"run": run, "train_config": train_cfg, "splits": {}}
     for split in [s for s in cfg.split.split(",") if s]:
@@ -215,16 +232,37 @@ def evaluate_run(run, cfg, score):
             fail(f"--data {data} [{split}]: no pairs left after truncation")
         batches = [{k: v.to(DEVICE) for k, v in b.items()}
                    for b in ganpo.batches_of(examples, cfg.batch_size, tokenizer.pad_token_id)]
-        prefs, latents = ganpo.evaluate(policy, ref, batches, loss_cfg, nullcontext, latents=True)
+        progress(f"{run} [{split}]: preferences, latent drift{' and discriminators' if discs else ''} "
+                 f"on {len(examples)} pairs")
+        prefs, latents = ganpo.evaluate(policy, ref, batches, loss_cfg, nullcontext, latents=True, discs=discs)
         latents = {k: v.cpu() for k, v in latents.items()}
         split_result = {"pairs": len(examples), "dropped": dropped, **prefs, **latent_drift(latents, cfg.seed),
                         "generation": {}}
         prompts = [r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
                    for r in rows[:min(cfg.gen_prompts, len(rows))]]
         for t in [float(x) for x in cfg.temperatures.split(",") if x]:
+            progress(f"{run} [{split}]: {cfg.samples} samples of {len(prompts)} prompts at T = {t:g}, policy and reference")
             split_result["generation"][str(t)] = generation_metrics(policy, ref, tokenizer, prompts, t, cfg, score)
         result["splits"][split] = split_result
     return result
+
+
+def load_discriminators(run, train_cfg, d_model):
+    """The trained discriminators from RUN/checkpoint.pt, in eval mode, or None (DPO runs have none).
+    mmap: only the discriminators' tensors are read from the checkpoint, not the policy's."""
+    path = os.path.join(run, "checkpoint.pt")
+    if not os.path.isfile(path) or train_cfg["adv_weight"] == 0:
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except (OSError, RuntimeError, EOFError) as e:
+        fail(f"{path}: cannot read the checkpoint ({type(e).__name__})")
+    if state.get("discs") is None:
+        return None
+    discs = ganpo.build_discriminators(d_model, d_disc=train_cfg["disc_dim"], n_layers=train_cfg["disc_layers"],
+                                       n_heads=train_cfg["disc_heads"])
+    discs.load_state_dict(state["discs"])
+    return discs.to(DEVICE).eval()
 
 
 def run_names(results):
@@ -240,6 +278,7 @@ def print_table(results):
             ("rewards/margins", "reward margin", "{:.3f}"), ("opo/loss", "loss", "{:.4f}"),
             ("latent/cosine", "latent cosine", "{:.4f}"), ("latent/mmd2", "latent MMD²", "{:.4f}"),
             ("latent/probe_accuracy", "probe accuracy", "{:.3f}")]
+    disc_rows = [("disc/auc_real_fake", "D AUC ref > policy"), ("disc/auc_fake_contrast", "D AUC policy > other")]
     gen_rows = [("reward", "reward"), ("win_rate", "win rate vs ref"), ("kl", "KL estimate"),
                 ("length", "length (tokens)"), ("distinct_2", "distinct-2"), ("degenerate", "degenerate share")]
     width = max(14, *(len(n) for n in names))
@@ -248,6 +287,12 @@ def print_table(results):
         print(f"{'':<24}" + "".join(f"{n:>{width + 2}}" for n in names))
         for key, label, fmt in rows:
             print(f"{label:<24}" + "".join(f"{fmt.format(r['splits'][split][key]):>{width + 2}}" for r in results))
+        if any("disc/auc_real_fake" in r["splits"][split] for r in results):
+            print("discriminators' view (the trained discriminators on these pairs; 0.5 = chance)")
+            for key, label in disc_rows:
+                print(f"{label:<24}" + "".join(
+                    f"{r['splits'][split][key]:>{width + 2}.3f}" if key in r["splits"][split] else f"{'-':>{width + 2}}"
+                    for r in results))
         for t in results[0]["splits"][split]["generation"]:
             for key, label in gen_rows:
                 print(f"{label + ' @T=' + t:<24}" + "".join(
@@ -294,6 +339,7 @@ def main():
             fail(f"{run}: no such run folder (train.py --output_dir)")
     score = make_scorer(cfg.reward_model)
     results = [evaluate_run(run, cfg, score) for run in cfg.runs]
+    progress("done")
     print_table(results)
     out = cfg.out or (os.path.join(cfg.runs[0], "eval.json") if len(cfg.runs) == 1 else "eval.json")
     with open(out + ".tmp", "w") as f:

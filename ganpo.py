@@ -53,6 +53,9 @@ class LossConfig:
     label_smoothing: float = 0.0  # ε of conservative DPO
     adv_weight: float = 1.0       # λ: weight of the generator loss; 0 = plain OPO, no discriminators
     disc_tokens: str = "all"      # which tokens the discriminators see: all | response
+    disc_loss: str = "quad"       # quad (reference code: real/fake + contrastive pair) | ragan (real/fake pair only)
+    disc_steps: int = 1           # discriminator updates per policy step (reference code: 1); >1 = n_critic / TTUR
+    disc_frozen: bool = False     # ablation: never update the discriminators (the policy meets their random init)
     ema_decay: float = 0.9        # μ of the running means (reference code)
     logits_chunk: int = 1024      # completion tokens per LM-head chunk: bounds the float32 logits in memory
 
@@ -459,12 +462,28 @@ def bce(logits, target):
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, float(target)))
 
 
+def pair_loss(above, below, m_above, m_below):
+    """One relativistic-average pair, logits (B,) and running means m̄ (scalars):
+        ½·[BCE(x − m̄_y, 1) + BCE(y − m̄_x, 0)]      x = above, y = below
+    x should score above the running mean of y, and y below that of x."""
+    return 0.5 * (bce(above - m_below, 1) + bce(below - m_above, 0))
+
+
 def quad_disc_loss(real, fake, contrast, m_real, m_fake, m_contrast):
     """Relativistic-average "quad" loss for one discriminator, logits (B,) and running means m̄ (scalars):
         L_D = ¼·[BCE(a − m̄_f, 1) + BCE(f − m̄_a, 0) + BCE(f − m̄_n, 1) + BCE(n − m̄_f, 0)]
+            = ½·[pair(a, f) + pair(f, n)]
     with a = real (reference, same polarity), f = fake (policy), n = contrast (reference, other
-    polarity): D learns the ordering real > fake > contrast."""
+    polarity): D learns the ordering real > fake > contrast. The first pair is the real/fake game; the
+    second (contrastive) pair teaches D what its own polarity looks like, which is a preference signal."""
     return 0.25 * (bce(real - m_fake, 1) + bce(fake - m_real, 0) + bce(fake - m_contrast, 1) + bce(contrast - m_fake, 0))
+
+
+def ragan_disc_loss(real, fake, m_real, m_fake):
+    """Two-term relativistic-average loss (RaGAN, Jolicoeur-Martineau 2018), the real/fake pair only:
+        L_D = ½·[BCE(a − m̄_f, 1) + BCE(f − m̄_a, 0)]
+    D only learns to tell the reference's latents from the policy's; nothing about chosen vs rejected."""
+    return pair_loss(real, fake, m_real, m_fake)
 
 
 def generator_loss(fake_chosen, fake_rejected, m_real_chosen, m_real_rejected):
@@ -472,6 +491,15 @@ def generator_loss(fake_chosen, fake_rejected, m_real_chosen, m_real_rejected):
     score above the running mean of the reference's. fake_* are (B,) logits that carry gradient to
     the policy through the frozen discriminators."""
     return 0.5 * (bce(fake_chosen - m_real_chosen, 1) + bce(fake_rejected - m_real_rejected, 1))
+
+
+def ragan_generator_loss(fake, real, m_real):
+    """RaGAN generator loss for one discriminator, logits (B,):
+        L_G = ½·[BCE(f − m̄_a, 1) + BCE(a − mean(f), 0)]
+    The second term uses this batch's mean of f, not its running mean: it carries gradient, so the
+    policy is also paid for pulling the reference's relative score down, as in RaGAN. a = D(H_ref) needs
+    no gradient (the reference is frozen)."""
+    return 0.5 * (bce(fake - m_real, 1) + bce(real - fake.mean(), 0))
 
 
 EMA_KEYS = ("chosen/real", "chosen/fake", "chosen/contrast", "rejected/real", "rejected/fake", "rejected/contrast")
@@ -493,8 +521,53 @@ def _split_masks(batch, which):
     return mask[:B], mask[B:]
 
 
+def _latents_by_side(batch, policy_hidden, ref_hidden, which):
+    """-> real, fake, mask: {"chosen": ..., "rejected": ...} from [chosen; rejected] (2B, T, d) latents."""
+    B = policy_hidden.shape[0] // 2
+    mask = dict(zip(("chosen", "rejected"), _split_masks(batch, which)))
+    real = {"chosen": ref_hidden[:B], "rejected": ref_hidden[B:]}
+    fake = {"chosen": policy_hidden[:B], "rejected": policy_hidden[B:]}
+    return real, fake, mask
+
+
+SIDES = (("chosen", "rejected"), ("rejected", "chosen"))  # (a discriminator's polarity, the other one)
+
+
+def discriminator_pass(discs, real, fake, mask, cfg, ema, n_micro, autocast):
+    """Score detached latents with both discriminators, update the running means, and (unless frozen)
+    backward L_D / n_micro into them; returns the loss split into its pairs and their ranking accuracies.
+
+    D_w sees real = H_ref^w, fake = H_θ^w, contrast = H_ref^l; D_l the mirror image (SPEC §5).
+    Frozen discriminators stay in eval mode with no gradient: no dropout and no spectral-norm power
+    iteration, so the policy meets exactly the same random networks at every step."""
+    learn = not cfg.disc_frozen
+    discs.train(learn)
+    discs.requires_grad_(learn)
+    metrics = {}
+    for side, other in SIDES:
+        with autocast(), torch.set_grad_enabled(learn):
+            logits = {f"{side}/real": discs[side](real[side], mask[side]),
+                      f"{side}/fake": discs[side](fake[side], mask[side]),
+                      f"{side}/contrast": discs[side](real[other], mask[other])}
+        update_ema(ema, logits, cfg.ema_decay)
+        (a, f, n), (m_a, m_f, m_n) = logits.values(), [ema[k] for k in logits]
+        d_loss = quad_disc_loss(a, f, n, m_a, m_f, m_n) if cfg.disc_loss == "quad" else ragan_disc_loss(a, f, m_a, m_f)
+        if learn:  # backward per discriminator: only one discriminator's activations are alive at a time
+            (d_loss / n_micro).backward()
+        with torch.no_grad():  # the two pairs of SPEC §8, whichever loss trains D
+            metrics.update({f"disc/{side}/loss": d_loss.detach(),
+                            f"disc/{side}/real_fake_loss": pair_loss(a, f, m_a, m_f),
+                            f"disc/{side}/contrast_loss": pair_loss(f, n, m_f, m_n),
+                            f"disc/{side}/real_fake_acc": (a > f).float().mean(),   # row i: reference above policy
+                            f"disc/{side}/contrast_acc": (f > n).float().mean()})   # policy above other polarity
+    for key in ("loss", "real_fake_loss", "contrast_loss", "real_fake_acc", "contrast_acc"):
+        metrics[f"disc/{key}"] = (metrics[f"disc/chosen/{key}"] + metrics[f"disc/rejected/{key}"]) / 2
+    return metrics
+
+
 def ganpo_micro_step(policy, ref, discs, batch, cfg, ema, n_micro, autocast):
-    """Forward, discriminator backward and policy backward for one micro-batch; returns metrics.
+    """Forward, discriminator backward and policy backward for one micro-batch.
+    -> (metrics, the discriminators' detached inputs, for further discriminator updates).
 
     Both backwards are divided by n_micro so the accumulated gradients are means over the whole
     optimizer step, the same as one big batch (for the OPO part exactly; the running means make
@@ -503,47 +576,34 @@ def ganpo_micro_step(policy, ref, discs, batch, cfg, ema, n_micro, autocast):
         policy_logps, n_tokens, policy_hidden = forward_logps_and_hidden(policy, batch, cfg.logits_chunk)  # (2B,), (2B,), (2B,T,d)
         with torch.no_grad():
             ref_logps, _, ref_hidden = forward_logps_and_hidden(ref, batch, cfg.logits_chunk)
-    B = policy_logps.shape[0] // 2
-    metrics = {}
+    metrics, disc_inputs = {}, None
     if discs is not None:
-        # --- discriminator step: detached latents, discriminators trainable
-        mask = dict(zip(("chosen", "rejected"), _split_masks(batch, cfg.disc_tokens)))
-        real = {"chosen": ref_hidden[:B], "rejected": ref_hidden[B:]}
-        fake = {"chosen": policy_hidden[:B], "rejected": policy_hidden[B:]}
-        discs.train()
-        discs.requires_grad_(True)
-        d_losses, d_accs = [], []
-        for side, other in (("chosen", "rejected"), ("rejected", "chosen")):
-            with autocast():
-                logits = {f"{side}/real": discs[side](real[side], mask[side]),
-                          f"{side}/fake": discs[side](fake[side].detach(), mask[side]),
-                          f"{side}/contrast": discs[side](real[other], mask[other])}
-            update_ema(ema, logits, cfg.ema_decay)
-            d_loss = quad_disc_loss(*logits.values(), *(ema[k] for k in logits))
-            # backward per discriminator: only one discriminator's activations are alive at a time
-            (d_loss / n_micro).backward()
-            d_losses.append(d_loss.detach())
-            # accuracy: how often it ranks a real sequence above the matching fake one
-            d_accs.append((logits[f"{side}/real"] > logits[f"{side}/fake"]).float().mean())
+        # --- discriminator step: detached latents
+        real, fake, mask = _latents_by_side(batch, policy_hidden, ref_hidden, cfg.disc_tokens)
+        disc_inputs = (real, {k: v.detach() for k, v in fake.items()}, mask)
+        metrics.update(discriminator_pass(discs, *disc_inputs, cfg, ema, n_micro, autocast))
         # --- generator: discriminators frozen (eval, no grad), policy latents NOT detached
         discs.eval()
         discs.requires_grad_(False)
         with autocast():
             fake_w = discs["chosen"](fake["chosen"], mask["chosen"])
             fake_l = discs["rejected"](fake["rejected"], mask["rejected"])
-        g_loss = generator_loss(fake_w, fake_l, ema["chosen/real"], ema["rejected/real"])
-        metrics.update({"disc/loss": sum(d_losses) / 2, "disc/accuracy": sum(d_accs) / 2,
-                        "gen/loss": g_loss.detach(),
-                        **{f"ema/{k}": v for k, v in ema.items()}})
-    else:
-        g_loss = torch.zeros(())
+        if cfg.disc_loss == "quad":
+            g_loss = generator_loss(fake_w, fake_l, ema["chosen/real"], ema["rejected/real"])
+        else:
+            with autocast(), torch.no_grad():
+                real_w = discs["chosen"](real["chosen"], mask["chosen"])
+                real_l = discs["rejected"](real["rejected"], mask["rejected"])
+            g_loss = 0.5 * (ragan_generator_loss(fake_w, real_w, ema["chosen/real"])
+                            + ragan_generator_loss(fake_l, real_l, ema["rejected/real"]))
+        metrics.update({"gen/loss": g_loss.detach(), **{f"ema/{k}": v for k, v in ema.items()}})
     losses = opo_loss(cfg, policy_logps, ref_logps, n_tokens)  # (B,)
     loss = losses.mean() + cfg.adv_weight * g_loss if discs is not None else losses.mean()
     (loss / n_micro).backward()
     metrics.update(preference_metrics(policy_logps.detach(), ref_logps, n_tokens, cfg.beta, losses.detach()))
     metrics["loss"] = loss.detach()
     metrics["tokens"] = batch["attention_mask"].sum()
-    return metrics
+    return metrics, disc_inputs
 
 
 def preference_metrics(policy_logps, ref_logps, n_tokens, beta, losses):
@@ -567,19 +627,46 @@ def grad_norm_and_clip(params, max_norm):
 def ganpo_step(policy, ref, discs, policy_opt, disc_opt, micro_batches, cfg, ema, autocast, max_grad_norm=1.0):
     """One optimizer step of SPEC §6 over len(micro_batches) micro-batches; returns averaged metrics.
 
-    The discriminators step exactly once here, at the same accumulation boundary as the policy."""
+    The discriminators step at the same accumulation boundary as the policy, cfg.disc_steps times:
+    the first update uses the gradients of the micro-steps; each further one scores this step's
+    detached latents again (fresh dropout) and steps. Why more than one: Adam moves a weight by at
+    most about lr per update, so with a slow discriminator and few steps it never leaves its random
+    initialisation (SPEC §8); GAN practice gives the discriminator more updates (n_critic) or a
+    larger rate (TTUR). Frozen discriminators (cfg.disc_frozen) never step."""
     per_micro = [ganpo_micro_step(policy, ref, discs, b, cfg, ema, len(micro_batches), autocast)
                  for b in micro_batches]
-    metrics = {k: torch.stack([m[k].float() for m in per_micro]).mean() for k in per_micro[0] if k != "tokens"}
-    metrics["tokens"] = sum(m["tokens"] for m in per_micro)
-    if discs is not None:
-        metrics["disc/grad_norm"] = grad_norm_and_clip(discs.parameters(), max_grad_norm)
-        disc_opt.step()
-        disc_opt.zero_grad(set_to_none=True)
+    metrics = {k: torch.stack([m[k].float() for m, _ in per_micro]).mean() for k in per_micro[0][0] if k != "tokens"}
+    metrics["tokens"] = sum(m["tokens"] for m, _ in per_micro)
+    if discs is not None and not cfg.disc_frozen:
+        for k in range(cfg.disc_steps):
+            if k > 0:  # a further update: score this step's latents again (the running means move on too)
+                for _, disc_inputs in per_micro:
+                    discriminator_pass(discs, *disc_inputs, cfg, ema, len(micro_batches), autocast)
+            grad_norm = grad_norm_and_clip(discs.parameters(), max_grad_norm)
+            metrics.setdefault("disc/grad_norm", grad_norm)  # the first update's, as with one step
+            disc_opt.step()
+            disc_opt.zero_grad(set_to_none=True)
     metrics["policy/grad_norm"] = grad_norm_and_clip(policy.parameters(), max_grad_norm)
     policy_opt.step()
     policy_opt.zero_grad(set_to_none=True)
     return {k: float(v) for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# watching the game (SPEC §8) and held-out evaluation
+
+def auc(above, below):
+    """P(score of an `above` item > score of a `below` item) over all pairs, ties count ½ (the
+    Mann-Whitney U statistic over n·m): 0.5 = cannot tell them apart, 1 = always ranks `above` higher."""
+    diff = above.double()[:, None] - below.double()[None, :]  # (n, m)
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+
+
+def relative_change(module, initial):
+    """‖θ − θ_0‖ / ‖θ_0‖ over a module's parameters; `initial`: {name: tensor} of θ_0."""
+    num = sum(float((p.detach().float() - initial[n].float()).pow(2).sum()) for n, p in module.named_parameters())
+    den = sum(float(initial[n].float().pow(2).sum()) for n, _ in module.named_parameters())
+    return math.sqrt(num / den)
 
 
 def mean_pool(hidden, mask):
@@ -589,20 +676,26 @@ def mean_pool(hidden, mask):
 
 
 @torch.no_grad()
-def evaluate(policy, ref, batches, cfg, autocast, latents=False, ref_cache=None):
-    """Preference metrics on held-out batches, averaged over pairs (no discriminators involved).
-    With latents=True also returns {"policy", "ref"}: mean-pooled last-layer states (2·pairs, d).
-    ref_cache: a dict kept between calls; the reference never changes, so its log-probs are computed once."""
-    sums, n, pooled = {}, 0, {"policy": [], "ref": []}
+def evaluate(policy, ref, batches, cfg, autocast, latents=False, ref_cache=None, discs=None):
+    """Preference metrics on held-out batches, averaged over pairs.
+    latents=True: also returns {"policy", "ref"}: mean-pooled last-layer states (2·pairs, d).
+    discs: also the trained discriminators' own view of these pairs (eval mode), per discriminator
+    and averaged over both:
+        disc/auc_real_fake      AUC of reference over policy latents of its polarity (0.5 = chance)
+        disc/auc_fake_contrast  AUC of policy latents of its polarity over reference latents of the other
+    ref_cache: a dict kept between calls; the reference never changes, so its forward runs once."""
+    sums, n, pooled, scores = {}, 0, {"policy": [], "ref": []}, {}
+    need_hidden = latents or discs is not None
     for i, batch in enumerate(batches):
+        cached = ref_cache.get(i) if ref_cache is not None else None
         with autocast():
             policy_logps, n_tokens, policy_hidden = forward_logps_and_hidden(policy, batch, cfg.logits_chunk)
-            if ref_cache is not None and i in ref_cache and not latents:
-                ref_logps = ref_cache[i]
-            else:
+            if cached is None or (need_hidden and cached[1] is None):
                 ref_logps, _, ref_hidden = forward_logps_and_hidden(ref, batch, cfg.logits_chunk)
                 if ref_cache is not None:
-                    ref_cache[i] = ref_logps
+                    ref_cache[i] = (ref_logps, ref_hidden if need_hidden else None)
+            else:
+                ref_logps, ref_hidden = cached
         losses = opo_loss(cfg, policy_logps, ref_logps, n_tokens)
         B = losses.shape[0]
         for k, v in preference_metrics(policy_logps, ref_logps, n_tokens, cfg.beta, losses).items():
@@ -611,7 +704,22 @@ def evaluate(policy, ref, batches, cfg, autocast, latents=False, ref_cache=None)
         if latents:
             pooled["policy"].append(mean_pool(policy_hidden, batch["attention_mask"]))
             pooled["ref"].append(mean_pool(ref_hidden, batch["attention_mask"]))
+        if discs is not None:
+            discs.eval()
+            real, fake, mask = _latents_by_side(batch, policy_hidden, ref_hidden, cfg.disc_tokens)
+            with autocast():
+                for side, other in SIDES:
+                    for role, h, m in (("real", real[side], mask[side]), ("fake", fake[side], mask[side]),
+                                       ("contrast", real[other], mask[other])):
+                        scores.setdefault(f"{side}/{role}", []).append(discs[side](h, m).float())
     result = {k: v / n for k, v in sums.items()}
+    if discs is not None:
+        s = {k: torch.cat(v) for k, v in scores.items()}
+        for side, _ in SIDES:
+            result[f"disc/{side}/auc_real_fake"] = auc(s[f"{side}/real"], s[f"{side}/fake"])
+            result[f"disc/{side}/auc_fake_contrast"] = auc(s[f"{side}/fake"], s[f"{side}/contrast"])
+        for key in ("auc_real_fake", "auc_fake_contrast"):
+            result[f"disc/{key}"] = (result[f"disc/chosen/{key}"] + result[f"disc/rejected/{key}"]) / 2
     return (result, {k: torch.cat(v) for k, v in pooled.items()}) if latents else result
 
 

@@ -357,7 +357,7 @@ def test_train_script_runs_tiny_model_and_writes_a_loadable_policy_and_metrics(t
     train_steps = [r for r in records if "split" not in r]
     assert [r["step"] for r in train_steps] == [0, 1, 2, 3, 4, 5]
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected", "disc/loss", "gen/loss", "disc/accuracy", "ema/chosen/real", "policy/grad_norm",
+                "logps/rejected", "disc/loss", "gen/loss", "disc/real_fake_acc", "ema/chosen/real", "policy/grad_norm",
                 "disc/grad_norm", "lr", "tokens_per_s"):
         assert key in train_steps[0], key
     assert train_steps[0]["opo/loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 0

@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import torch
 from tqdm import tqdm
@@ -60,7 +61,10 @@ class Config:
     disc_dim: int = field(default=512, metadata={"help": "discriminator width (reference code: 512)"})
     disc_layers: int = field(default=2, metadata={"help": "discriminator transformer layers (reference code: 2)"})
     disc_heads: int = field(default=8, metadata={"help": "discriminator attention heads (reference code: 8)"})
-    disc_lr_ratio: float = field(default=0.5, metadata={"help": "discriminator lr / policy lr (reference code: 0.5)"})
+    disc_lr: Optional[float] = field(default=None, metadata={"help": "peak discriminator lr, absolute (overrides --disc_lr_ratio); 0 = frozen discriminators"})
+    disc_lr_ratio: float = field(default=0.5, metadata={"help": "peak discriminator lr / policy lr (reference code: 0.5); 0 = frozen"})
+    disc_steps: int = field(default=1, metadata={"help": "discriminator updates per policy step on that step's latents (reference code: 1)"})
+    disc_loss: str = field(default="quad", metadata={"help": "quad (reference code: real/fake + contrastive pair) | ragan (real/fake pair only)"})
     ema_decay: float = field(default=0.9, metadata={"help": "μ of the running means of discriminator logits"})
     # bookkeeping
     log_every: int = field(default=5, metadata={"help": "steps between log lines (metrics.jsonl gets every step)"})
@@ -80,6 +84,12 @@ def check_config(cfg):
         fail(f"--loss {cfg.loss}: expected dpo, simpo or ipo")
     if cfg.disc_tokens not in ("all", "response"):
         fail(f"--disc_tokens {cfg.disc_tokens}: expected all or response")
+    if cfg.disc_loss not in ("quad", "ragan"):
+        fail(f"--disc_loss {cfg.disc_loss}: expected quad or ragan")
+    if cfg.disc_steps < 1:
+        fail(f"--disc_steps {cfg.disc_steps}: expected at least 1")
+    if (cfg.disc_lr is not None and cfg.disc_lr < 0) or cfg.disc_lr_ratio < 0:
+        fail("--disc_lr and --disc_lr_ratio must be >= 0 (0 = frozen discriminators)")
     if cfg.dtype not in ("auto", "bf16", "fp32"):
         fail(f"--dtype {cfg.dtype}: expected auto, bf16 or fp32")
     if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
@@ -201,14 +211,20 @@ def main():
         ganpo.enable_checkpointing(policy)
     policy.train()
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    discs, disc_opt = None, None
+    # Adam moves a weight by at most ~lr per update, so the discriminators' rate bounds how far they can
+    # get from their random start: 2.5e-5 x 32 steps ~ 8e-4 at the reference code's ratio (SPEC §8)
+    disc_peak_lr = cfg.disc_lr if cfg.disc_lr is not None else cfg.lr * cfg.disc_lr_ratio
+    discs, disc_opt, disc_init = None, None, None
     if cfg.adv_weight > 0:  # with λ = 0 nothing adversarial is built, so the run is exactly the base loss
         discs = ganpo.build_discriminators(policy.config.hidden_size, d_disc=cfg.disc_dim, n_layers=cfg.disc_layers,
                                            n_heads=cfg.disc_heads).to(device)
-        disc_opt = torch.optim.AdamW(discs.parameters(), lr=cfg.lr * cfg.disc_lr_ratio, weight_decay=0.01)
+        disc_init = {n: p.detach().clone() for n, p in discs.named_parameters()}  # θ_D,0, for the weight change
+        if disc_peak_lr > 0:  # lr 0 = frozen: no optimizer at all, so not a bit of the networks moves
+            disc_opt = torch.optim.AdamW(discs.parameters(), lr=disc_peak_lr, weight_decay=0.01)
     ema = {}
     loss_cfg = ganpo.LossConfig(loss=cfg.loss, beta=cfg.beta, gamma=cfg.gamma, label_smoothing=cfg.label_smoothing,
-                                adv_weight=cfg.adv_weight, disc_tokens=cfg.disc_tokens, ema_decay=cfg.ema_decay)
+                                adv_weight=cfg.adv_weight, disc_tokens=cfg.disc_tokens, disc_loss=cfg.disc_loss,
+                                disc_steps=cfg.disc_steps, disc_frozen=disc_peak_lr == 0, ema_decay=cfg.ema_decay)
 
     # --- resume: every piece of state that the next step depends on
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -221,6 +237,8 @@ def main():
         policy_opt.load_state_dict(state["policy_opt"])
         if discs is not None:
             discs.load_state_dict(state["discs"])
+            disc_init = state["discs_init"]
+        if disc_opt is not None:
             disc_opt.load_state_dict(state["disc_opt"])
         ema = {k: torch.tensor(v) for k, v in state["ema"].items()}
         torch.set_rng_state(state["rng"]["torch"])
@@ -240,7 +258,7 @@ def main():
     def save(step):
         atomic_torch_save({"step": step, "config": asdict(cfg), "policy": policy.state_dict(),
                            "policy_opt": policy_opt.state_dict(),
-                           "discs": discs.state_dict() if discs is not None else None,
+                           "discs": discs.state_dict() if discs is not None else None, "discs_init": disc_init,
                            "disc_opt": disc_opt.state_dict() if disc_opt is not None else None,
                            "ema": {k: float(v) for k, v in ema.items()},
                            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -269,11 +287,15 @@ def main():
             splits = held_out if last else {periodic_split: held_out[periodic_split][:periodic_batches]}
             for name, batches in splits.items():
                 batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-                result = ganpo.evaluate(policy, ref, batches, loss_cfg, autocast, ref_cache=ref_caches.setdefault(name, {}))
+                result = ganpo.evaluate(policy, ref, batches, loss_cfg, autocast, ref_cache=ref_caches.setdefault(name, {}),
+                                        discs=discs)
                 log({"step": step, "split": name, **{f"eval/{k}": v for k, v in result.items()}})
+                # the discriminators' held-out view: AUC 0.5 = they cannot tell policy from reference
+                adv = (f" | D auc real>fake {result['disc/auc_real_fake']:.3f} fake>contrast "
+                       f"{result['disc/auc_fake_contrast']:.3f}" if discs is not None else "")
                 tqdm.write(f"eval {name} step {step} | loss {result['opo/loss']:.4f} | "
                            f"acc {result['rewards/accuracies']:.3f} | margin {result['rewards/margins']:.3f} | "
-                           f"chosen {result['rewards/chosen']:.3f} | rejected {result['rewards/rejected']:.3f}")
+                           f"chosen {result['rewards/chosen']:.3f} | rejected {result['rewards/rejected']:.3f}{adv}")
             policy.train()
         if last:
             break
@@ -282,9 +304,9 @@ def main():
         lr = ganpo.cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps)
         for group in policy_opt.param_groups:
             group["lr"] = lr
-        if disc_opt is not None:  # same schedule, scaled (reference code: half the policy lr)
+        if disc_opt is not None:  # same warmup and cosine schedule, its own peak
             for group in disc_opt.param_groups:
-                group["lr"] = lr * cfg.disc_lr_ratio
+                group["lr"] = ganpo.cosine_lr(step, cfg.max_steps, disc_peak_lr, cfg.warmup_steps)
         idx = pairs_for_step(step, len(train), cfg.batch_size, cfg.seed)
         micro_batches = [{k: v.to(device) for k, v in ganpo.collate([train[i] for i in idx[j:j + micro]],
                                                                   tokenizer.pad_token_id).items()}
@@ -295,12 +317,18 @@ def main():
         dt = time.time() - t0
         m.update({"step": step, "lr": lr, "step_time": dt, "tokens_per_s": m["tokens"] / dt,
                   "memory/peak_gib": ganpo.peak_memory_bytes(device) / 2 ** 30})
+        if discs is not None:  # ‖θ_D − θ_D,0‖ / ‖θ_D,0‖: has each discriminator left its random start?
+            for side in ("chosen", "rejected"):
+                init = {n.split(".", 1)[1]: v for n, v in disc_init.items() if n.startswith(side + ".")}
+                m[f"disc/{side}/weight_change"] = ganpo.relative_change(discs[side], init)
         log(m)
         if not math.isfinite(m["loss"]):
             fail(f"loss became {m['loss']} at step {step}; try a lower --lr or --dtype fp32 (last checkpoint kept)")
         bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['rewards/accuracies']:.2f}")
         if step % cfg.log_every == 0:
-            adv = f" | d_loss {m['disc/loss']:.3f} | g_loss {m['gen/loss']:.3f} | d_acc {m['disc/accuracy']:.2f}" if discs else ""
+            adv = (f" | d_loss rf/ct {m['disc/real_fake_loss']:.3f}/{m['disc/contrast_loss']:.3f} | d_acc rf/ct "
+                   f"{m['disc/real_fake_acc']:.2f}/{m['disc/contrast_acc']:.2f} | g_loss {m['gen/loss']:.3f} | "
+                   f"dθ_D {max(m['disc/chosen/weight_change'], m['disc/rejected/weight_change']):.1e}") if discs else ""
             tqdm.write(f"step {step} | loss {m['loss']:.4f} | acc {m['rewards/accuracies']:.2f} | "
                        f"margin {m['rewards/margins']:.3f} | logps w/l {m['logps/chosen']:.1f}/{m['logps/rejected']:.1f}"
                        f"{adv} | lr {lr:.2e} | {dt:.2f}s | {m['tokens_per_s']:.0f} tok/s")

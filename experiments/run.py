@@ -27,9 +27,27 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = {"dpo": ["--adv_weight", "0"], "ganpo": [],  # GANPO = train.py's defaults (λ = 1)
+
+
+def gan(disc_lr=None, steps=1, loss="quad", tokens="all"):
+    """train.py flags of one discriminator setting; the defaults are the authors' (their lr: half the policy's)."""
+    lr = ["--disc_lr", f"{disc_lr:g}"] if disc_lr is not None else ["--disc_lr_ratio", "0.5"]
+    return [*lr, "--disc_steps", str(steps), "--disc_loss", loss, "--disc_tokens", tokens]
+
+
+# train.py's policy lr is 5e-5, so the authors' discriminator lr is 2.5e-5; "dlr20x" = 20 times that
+METHODS = {"dpo": ["--adv_weight", "0"],
+           "ganpo": gan(),  # the authors' settings, spelled out (the first grid ran them as train.py's defaults)
+           "ganpo-frozen": gan(disc_lr=0),  # the policy trains against the random initial discriminators
+           "ganpo-dlr20x": gan(disc_lr=5e-4), "ganpo-dlr200x": gan(disc_lr=5e-3),
+           "ganpo-dlr20x-k4": gan(disc_lr=5e-4, steps=4),
+           "ganpo-dlr20x-ragan": gan(disc_lr=5e-4, loss="ragan"), "ganpo-dlr200x-ragan": gan(disc_lr=5e-3, loss="ragan"),
+           "ganpo-dlr20x-ragan-k4": gan(disc_lr=5e-4, steps=4, loss="ragan"),
+           "ganpo-dlr20x-resp": gan(disc_lr=5e-4, tokens="response"),
            "simpo": ["--loss", "simpo", "--beta", "2.0", "--gamma", "0.5", "--adv_weight", "0"],
            "ganpo-simpo": ["--loss", "simpo", "--beta", "2.0", "--gamma", "0.5"]}
+# periodic held-out evaluations, so the discriminators' AUC can be followed over training
+PERIODIC = ["--eval_every", "8", "--eval_pairs", "96"]
 SPLITS = ("test", "shift")
 
 
@@ -43,16 +61,17 @@ def cells(args):
     return out
 
 
-def commands(cell, args):
-    run = os.path.join(args.runs, cell["name"])
-    train = [sys.executable, os.path.join(ROOT, "train.py"), "--output_dir", run, "--eval_every", "0",
-             *METHODS[cell["method"]], "--label_noise", str(cell["noise"]), "--seed", str(cell["seed"]),
-             *shlex.split(args.train_flags)]
-    if os.path.isfile(os.path.join(run, "checkpoint.pt")):
+def commands(cell, args, runs=None, python=sys.executable):
+    """-> run folder, train command, eval command; they run in the repository root. With the defaults,
+    as this machine runs them; with runs="runs/grid", python="python", as a record keeps them, so any
+    clone can rerun a record's commands."""
+    run = os.path.join(runs or args.runs, cell["name"])
+    train = [python, "train.py", "--output_dir", run, *PERIODIC, *METHODS[cell["method"]],
+             "--label_noise", str(cell["noise"]), "--seed", str(cell["seed"]), *shlex.split(args.train_flags)]
+    if runs is None and os.path.isfile(os.path.join(run, "checkpoint.pt")):
         train.append("--resume")
-    evaluate = [sys.executable, os.path.join(ROOT, "eval.py"), run, "--split", ",".join(SPLITS),
-                "--out", os.path.join(run, "eval.json"), "--plot", os.path.join(run, "eval.png"),
-                *shlex.split(args.eval_flags)]
+    evaluate = [python, "eval.py", run, "--split", ",".join(SPLITS), "--out", os.path.join(run, "eval.json"),
+                "--plot", os.path.join(run, "eval.png"), *shlex.split(args.eval_flags)]
     return run, train, evaluate
 
 
@@ -82,17 +101,20 @@ def run_cell(cell, args):
     with open(os.path.join(run, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f]
     steps = [m for m in metrics if "split" not in m]
-    final = {m["split"]: m for m in metrics if "split" in m and m["step"] == max(s["step"] for s in metrics)}
+    evals = [m for m in metrics if "split" in m]  # periodic and final held-out evaluations
+    final = {m["split"]: m for m in evals if m["step"] == max(s["step"] for s in metrics)}
     with open(os.path.join(run, "eval.json")) as f:
         ev = json.load(f)["results"][0]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    record = {**cell, "commit": commit, "train_command": shlex.join(train[1:]), "eval_command": shlex.join(evaluate[1:]),
+    _, train_as_recorded, evaluate_as_recorded = commands(cell, args, runs=os.path.join("runs", "grid"), python="python")
+    record = {**cell, "commit": commit, "train_command": shlex.join(train_as_recorded),
+              "eval_command": shlex.join(evaluate_as_recorded),
               "hardware": f"{platform.machine()} {os.cpu_count()} cores ({platform.processor() or platform.platform()})",
               "train_wall_s": train_s, "eval_wall_s": eval_s,
               "step_time_median_s": statistics.median(m["step_time"] for m in steps),
               "peak_memory_gib": max(m.get("memory/peak_gib", 0) for m in steps),
               "final_eval": {s: {k[5:]: v for k, v in m.items() if k.startswith("eval/")} for s, m in final.items()},
-              "eval": ev["splits"], "train_config": ev["train_config"], "metrics": steps}
+              "eval": ev["splits"], "train_config": ev["train_config"], "metrics": steps, "evals": evals}
     os.makedirs(args.results, exist_ok=True)
     path = os.path.join(args.results, cell["name"] + ".json")
     with open(path + ".tmp", "w") as f:
@@ -300,8 +322,8 @@ def main():
     for cell in todo:
         done = os.path.isfile(os.path.join(args.results, cell["name"] + ".json"))
         if args.dry_run:
-            _, train, evaluate = commands(cell, args)
-            print(f"{cell['name']}{' (done)' if done else ''}\n  {shlex.join(train[1:])}\n  {shlex.join(evaluate[1:])}")
+            _, train, evaluate = commands(cell, args, runs=os.path.join("runs", "grid"), python="python")
+            print(f"{cell['name']}{' (done)' if done else ''}\n  {shlex.join(train)}\n  {shlex.join(evaluate)}")
         elif not done:
             run_cell(cell, args)
 
