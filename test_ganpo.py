@@ -79,17 +79,113 @@ def test_ipo_loss_matches_hand_computed_value():
     assert loss.item() == pytest.approx(18.49, rel=1e-6)
 
 
+def bce(z, t):  # −[t·log σ(z) + (1−t)·log(1−σ(z))], by hand
+    s = 1 / (1 + math.exp(-z))
+    return -(t * math.log(s) + (1 - t) * math.log(1 - s))
+
+
 def test_quad_and_generator_losses_match_hand_computed_values():
     a, f, n = torch.tensor([2.0]), torch.tensor([0.5]), torch.tensor([-1.0])
     ma, mf, mn = 1.0, 0.0, -0.5
-
-    def bce(z, t):  # −[t·log σ(z) + (1−t)·log(1−σ(z))]
-        s = 1 / (1 + math.exp(-z))
-        return -(t * math.log(s) + (1 - t) * math.log(1 - s))
     expected = 0.25 * (bce(2 - mf, 1) + bce(0.5 - ma, 0) + bce(0.5 - mn, 1) + bce(-1 - mf, 0))
     assert ganpo.quad_disc_loss(a, f, n, ma, mf, mn).item() == pytest.approx(expected, rel=1e-6)
     g = ganpo.generator_loss(torch.tensor([0.3]), torch.tensor([-0.2]), 1.0, -1.0)
     assert g.item() == pytest.approx(0.5 * (bce(0.3 - 1, 1) + bce(-0.2 + 1, 1)), rel=1e-6)
+
+
+def test_ragan_losses_match_their_formulas_by_hand():
+    a, f = torch.tensor([2.0, 0.0]), torch.tensor([1.0, -1.0])
+    # L_D = ½·[BCE(a − m̄_f, 1) + BCE(f − m̄_a, 0)], batch means inside each BCE
+    expected = 0.5 * ((bce(2 - 0.5, 1) + bce(0 - 0.5, 1)) / 2 + (bce(1 - 1.5, 0) + bce(-1 - 1.5, 0)) / 2)
+    assert ganpo.ragan_disc_loss(a, f, 1.5, 0.5).item() == pytest.approx(expected, rel=1e-6)
+    # L_G = ½·[BCE(f − m̄_a, 1) + BCE(a − mean(f), 0)]; mean(f) = 0
+    expected = 0.5 * ((bce(1 - 1.5, 1) + bce(-1 - 1.5, 1)) / 2 + (bce(2 - 0, 0) + bce(0 - 0, 0)) / 2)
+    f.requires_grad_(True)
+    g = ganpo.ragan_generator_loss(f, a, 1.5)
+    assert g.item() == pytest.approx(expected, rel=1e-6)
+    g.backward()  # the second term reaches f through its batch mean: each f gets ½·½·σ(a_j − mean f)/2 summed
+    by_hand = [0.5 * (-(1 - 1 / (1 + math.exp(-(x - 1.5)))) / 2) - 0.5 * sum(1 / (1 + math.exp(-(y - 0))) for y in (2, 0)) / 2 / 2
+               for x in (1.0, -1.0)]
+    torch.testing.assert_close(f.grad, torch.tensor(by_hand))
+
+
+class FeatureScore(torch.nn.Module):
+    """A stand-in discriminator with a known score: w · (masked mean of hidden feature 0)."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(float(w)))
+
+    def forward(self, hidden, mask):
+        return self.w * ganpo.mean_pool(hidden[..., :1], mask)[:, 0]
+
+
+def latents(values):
+    """(B, 2, 3) hidden states whose feature 0 is `values` on both tokens."""
+    h = torch.zeros(len(values), 2, 3)
+    h[:, :, 0] = torch.tensor(values)[:, None]
+    return h
+
+
+def test_discriminator_loss_splits_into_its_two_pairs_with_their_accuracies_by_hand():
+    discs = torch.nn.ModuleDict({"chosen": FeatureScore(1.0), "rejected": FeatureScore(-1.0)})
+    real = {"chosen": latents([2.0, 0.0]), "rejected": latents([-1.0, 0.5])}
+    fake = {"chosen": latents([1.0, 1.0]), "rejected": latents([0.0, 3.0])}
+    mask = {k: torch.ones(2, 2, dtype=torch.bool) for k in ("chosen", "rejected")}
+    ema = {}
+    m = ganpo.discriminator_pass(discs, real, fake, mask, ganpo.LossConfig(), ema, 1, nullcontext)
+    # D_w: a = [2, 0], f = [1, 1], n = [−1, 0.5]; first running means = batch means: m̄_a = 1, m̄_f = 1, m̄_n = −0.25
+    rf = 0.5 * ((bce(2 - 1, 1) + bce(0 - 1, 1)) / 2 + (bce(1 - 1, 0) + bce(1 - 1, 0)) / 2)
+    ct = 0.5 * ((bce(1 + 0.25, 1) + bce(1 + 0.25, 1)) / 2 + (bce(-1 - 1, 0) + bce(0.5 - 1, 0)) / 2)
+    assert m["disc/chosen/real_fake_loss"].item() == pytest.approx(rf, rel=1e-6)
+    assert m["disc/chosen/contrast_loss"].item() == pytest.approx(ct, rel=1e-6)
+    assert m["disc/chosen/loss"].item() == pytest.approx((rf + ct) / 2, rel=1e-6)  # quad = ½·(pair + pair)
+    assert m["disc/chosen/real_fake_acc"].item() == 0.5  # 2 > 1 yes, 0 > 1 no
+    assert m["disc/chosen/contrast_acc"].item() == 1.0  # 1 > −1, 1 > 0.5
+    # D_l scores −feature: a' = [1, −0.5], f' = [0, −3], p' = [−2, 0]; m̄ = 0.25, −1.5, −1
+    rf_l = 0.5 * ((bce(1 + 1.5, 1) + bce(-0.5 + 1.5, 1)) / 2 + (bce(0 - 0.25, 0) + bce(-3 - 0.25, 0)) / 2)
+    ct_l = 0.5 * ((bce(0 + 1, 1) + bce(-3 + 1, 1)) / 2 + (bce(-2 + 1.5, 0) + bce(0 + 1.5, 0)) / 2)
+    assert m["disc/rejected/real_fake_loss"].item() == pytest.approx(rf_l, rel=1e-6)
+    assert m["disc/rejected/contrast_loss"].item() == pytest.approx(ct_l, rel=1e-6)
+    assert m["disc/rejected/real_fake_acc"].item() == 1.0 and m["disc/rejected/contrast_acc"].item() == 0.5
+    assert m["disc/real_fake_acc"].item() == 0.75 and m["disc/loss"].item() == pytest.approx((rf + ct + rf_l + ct_l) / 4)
+    assert discs["chosen"].w.grad is not None  # quad trains D
+    # ragan: the loss is the real/fake pair alone; the contrastive pair is still logged
+    discs.zero_grad()
+    m = ganpo.discriminator_pass(discs, real, fake, mask, ganpo.LossConfig(disc_loss="ragan"), {}, 1, nullcontext)
+    assert m["disc/chosen/loss"].item() == pytest.approx(rf, rel=1e-6)
+    assert m["disc/chosen/contrast_loss"].item() == pytest.approx(ct, rel=1e-6)
+    # frozen: same figures, no gradient, eval mode
+    discs.zero_grad()
+    m = ganpo.discriminator_pass(discs, real, fake, mask, ganpo.LossConfig(disc_frozen=True), {}, 1, nullcontext)
+    assert m["disc/chosen/loss"].item() == pytest.approx((rf + ct) / 2, rel=1e-6)
+    assert discs["chosen"].w.grad is None and not discs.training
+
+
+def test_auc_counts_ties_as_half_and_a_feature_scoring_discriminator_gets_its_hand_computed_auc(tokenizer):
+    assert ganpo.auc(torch.tensor([3.0, 1.0]), torch.tensor([2.0, 2.0])) == 0.5
+    assert ganpo.auc(torch.tensor([1.0, 2.0]), torch.tensor([1.0])) == 0.75
+    policy = tiny_policy(tokenizer).eval()
+    ref = ganpo.make_reference(policy)
+    with torch.no_grad():
+        policy.model.norm.weight[0] += 0.5  # feature 0 of the policy's latents moves
+    batch = batch_of(tokenizer, make_rows(6))
+    discs = torch.nn.ModuleDict({"chosen": FeatureScore(1.0), "rejected": FeatureScore(-1.0)})
+    result = ganpo.evaluate(policy, ref, [batch], ganpo.LossConfig(), nullcontext, discs=discs)
+    with torch.no_grad():
+        feat = {name: ganpo.mean_pool(ganpo.forward_logps_and_hidden(m, batch)[2][..., :1], batch["attention_mask"])[:, 0]
+                for name, m in (("policy", policy), ("ref", ref))}
+
+    def by_hand(above, below):  # a plain double loop
+        wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x in above.tolist() for y in below.tolist())
+        return wins / (len(above) * len(below))
+    ref_w, ref_l, pol_w, pol_l = feat["ref"][:6], feat["ref"][6:], feat["policy"][:6], feat["policy"][6:]
+    expected = {"chosen/auc_real_fake": by_hand(ref_w, pol_w), "chosen/auc_fake_contrast": by_hand(pol_w, ref_l),
+                "rejected/auc_real_fake": by_hand(-ref_l, -pol_l), "rejected/auc_fake_contrast": by_hand(-pol_l, -ref_w)}
+    for key, value in expected.items():
+        assert result[f"disc/{key}"] == pytest.approx(value, abs=1e-12), key
+    assert result["disc/auc_real_fake"] == pytest.approx((expected["chosen/auc_real_fake"] + expected["rejected/auc_real_fake"]) / 2)
+    assert expected["chosen/auc_real_fake"] != 0.5  # the feature really moved
 
 
 def test_running_means_start_at_first_value_then_decay():
@@ -368,11 +464,15 @@ def test_train_script_runs_tiny_model_and_writes_a_loadable_policy_and_metrics(t
     assert state["step"] == 6 and set(state["ema"]) == set(ganpo.EMA_KEYS) and state["discs"] is not None
 
 
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path, data_file, trained_run):
-    flags = [*RUN_FLAGS, "--data", data_file]
-    # interrupt a second run with SIGINT once it has logged a step, then resume it
+NEW_FLAGS = {"authors": [], "frozen": ["--disc_lr", "0"],
+             "fast-ragan-k2-response": ["--disc_lr", "3e-3", "--disc_steps", "2", "--disc_loss", "ragan",
+                                        "--disc_tokens", "response"]}
+
+
+def interrupted_then_resumed(out, flags):
+    """Run train.py, SIGINT it once it has logged step 1, resume it; -> the step it stopped at."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "train.py", *flags, "--output_dir", str(tmp_path / "stopped")], cwd=HERE,
+    proc = subprocess.Popen([sys.executable, "train.py", *flags, "--output_dir", str(out)], cwd=HERE,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if "step 1 |" in line:
@@ -380,17 +480,38 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, data_file, trained_r
             break
     rest = proc.stdout.read()
     assert proc.wait(timeout=120) == 0, rest
-    state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
-    assert 2 <= state["step"] < 6, rest  # it stopped early, after finishing a step
-    r = run_train(["--output_dir", str(tmp_path / "stopped"), "--resume"])
+    stopped = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    assert 2 <= stopped < 6, rest  # it stopped early, after finishing a step
+    r = run_train(["--output_dir", str(out), "--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"resumed from step {state['step']}" in r.stdout
-    a = load_file(trained_run[0] / "model.safetensors")
+    assert f"resumed from step {stopped}" in r.stdout
+    return stopped
+
+
+@pytest.mark.parametrize("variant", list(NEW_FLAGS))
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, data_file, trained_run, variant):
+    flags = [*RUN_FLAGS, "--data", data_file, *NEW_FLAGS[variant]]
+    if variant == "authors":
+        whole = trained_run[0]
+    else:
+        whole = tmp_path / "whole"
+        assert run_train([*flags, "--output_dir", str(whole)]).returncode == 0
+    interrupted_then_resumed(tmp_path / "stopped", flags)
+    a = load_file(whole / "model.safetensors")
     b = load_file(tmp_path / "stopped" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(x)["step"] for x in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()
-             if "split" not in json.loads(x)]
-    assert steps == list(range(6))  # each step logged once
+    sa, sb = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (whole, tmp_path / "stopped"))
+    assert all(torch.equal(sa["discs"][k], sb["discs"][k]) for k in sa["discs"])
+    assert sa["ema"] == sb["ema"]
+    timing = ("step_time", "tokens_per_s", "memory/peak_gib")
+    lines = [[{k: v for k, v in json.loads(x).items() if k not in timing} for x in (d / "metrics.jsonl").read_text().splitlines()]
+             for d in (whole, tmp_path / "stopped")]
+    assert lines[0] == lines[1]  # every logged figure, each step logged once
+    if variant == "frozen":
+        assert sb["disc_opt"] is None and all(torch.equal(sb["discs"][k], v) for k, v in sb["discs_init"].items())
+        assert {r["disc/chosen/weight_change"] for r in lines[1] if "split" not in r} == {0.0}
+    else:
+        assert lines[1][-2]["disc/chosen/weight_change"] > 0
 
 
 # ------------------------------------------------------------------------------- bad input
@@ -435,6 +556,15 @@ def test_unknown_model_and_existing_run_get_one_clear_line_and_nothing_is_overwr
     code, err = run_main(monkeypatch, capsys, [*TINY_FLAGS, "--data", data_file, "--output_dir", str(out)])
     assert code == 2 and "--resume" in err
     assert (out / "checkpoint.pt").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("flags, message", [(["--disc_loss", "wgan"], "--disc_loss wgan: expected quad or ragan"),
+                                            (["--disc_steps", "0"], "--disc_steps 0: expected at least 1"),
+                                            (["--disc_lr", "-1"], "--disc_lr and --disc_lr_ratio must be >= 0 (0 = frozen discriminators)")])
+def test_bad_discriminator_flags_get_one_clear_line(tmp_path, monkeypatch, capsys, data_file, flags, message):
+    code, err = run_main(monkeypatch, capsys, [*TINY_FLAGS, *flags, "--data", data_file, "--output_dir", str(tmp_path / "o")])
+    assert code == 2 and err == f"error: {message}"
+    assert not (tmp_path / "o").exists()
 
 
 def test_label_noise_swaps_a_seeded_fraction_of_training_pairs(untrained_run):
@@ -489,7 +619,7 @@ def test_probe_and_kl_detect_a_deliberately_shifted_policy(tokenizer):
     assert gen["kl"] > 0.05
 
 
-def test_eval_preference_metrics_equal_the_training_time_evaluation(tmp_path, trained_run):
+def test_eval_preference_metrics_equal_the_training_time_evaluation(tmp_path, trained_run, capsys):
     import eval as ev
     out = trained_run[0]
     final = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
@@ -498,9 +628,24 @@ def test_eval_preference_metrics_equal_the_training_time_evaluation(tmp_path, tr
         f.writelines(json.dumps(r) + "\n" for r in make_rows(40)[36:])
     cfg = ev.EvalConfig(runs=[str(out)], data=held_out, split="x", gen_prompts=0, temperatures="", batch_size=4)
     res = ev.evaluate_run(str(out), cfg, None)["splits"]["x"]
-    for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "logps/chosen", "opo/loss"):
+    for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "logps/chosen", "opo/loss",
+                "disc/auc_real_fake", "disc/auc_fake_contrast", "disc/chosen/auc_real_fake"):
         assert res[key] == pytest.approx(final[f"eval/{key}"], rel=1e-5, abs=1e-6), key
     assert abs(res["rewards/margins"]) > 1e-4  # the run really moved
+    assert "preferences, latent drift and discriminators on 4 pairs" in capsys.readouterr().out  # progress
+
+
+def test_eval_table_shows_the_discriminators_view_in_rows_of_its_own(trained_run, untrained_run, data_file, capsys):
+    import eval as ev
+    cfg = ev.EvalConfig(data=data_file, split="x", limit=8, gen_prompts=0, temperatures="")
+    results = [ev.evaluate_run(str(r[0]), cfg, None) for r in (trained_run, untrained_run)]
+    ev.print_table(results)
+    out = capsys.readouterr().out
+    table = out[out.index("== x =="):].splitlines()
+    view = table.index("discriminators' view (the trained discriminators on these pairs; 0.5 = chance)")
+    assert table[view - 1].startswith("probe accuracy")  # after the independent drift measures, apart from them
+    ours = results[0]["splits"]["x"]["disc/auc_real_fake"]
+    assert table[view + 1].split()[-2:] == [f"{ours:.3f}", "0.500"]  # untrained: policy = reference, AUC exactly ½
 
 
 def test_generation_is_reproducible_for_a_fixed_seed(tokenizer):
@@ -568,6 +713,32 @@ def test_reference_is_frozen_and_the_discriminators_step_once_per_optimizer_step
     assert {int(s["step"]) for s in dopt.state.values()} == {1}  # two micro-batches, one discriminator step
     assert {int(s["step"]) for s in popt.state.values()} == {1}
     assert set(ema) == set(ganpo.EMA_KEYS)
+
+
+def test_disc_steps_2_takes_exactly_two_discriminator_optimizer_steps_per_policy_step(tokenizer):
+    policy, ref, discs, popt, dopt = setup_models(tokenizer)
+    rows = make_rows(4)
+    calls = []
+    dopt.register_step_post_hook(lambda opt, args, kwargs: calls.append(1))
+    for _ in range(2):
+        ganpo.ganpo_step(policy, ref, discs, popt, dopt, [batch_of(tokenizer, rows[:2]), batch_of(tokenizer, rows[2:])],
+                         ganpo.LossConfig(disc_steps=2), {}, nullcontext)
+    assert len(calls) == 4  # 2 policy steps x 2 discriminator steps, whatever the micro-batches
+    assert {int(s["step"]) for s in dopt.state.values()} == {4}
+    assert {int(s["step"]) for s in popt.state.values()} == {2}
+
+
+def test_frozen_discriminators_keep_their_initial_weights_bit_for_bit_while_the_policy_trains(tokenizer):
+    policy, ref, discs, popt, _ = setup_models(tokenizer)
+    d0 = {k: v.clone() for k, v in discs.state_dict().items()}  # incl. the spectral-norm vectors
+    p0 = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    ema = {}
+    for _ in range(3):
+        m = ganpo.ganpo_step(policy, ref, discs, popt, None, [batch_of(tokenizer, make_rows(4))],
+                             ganpo.LossConfig(disc_frozen=True), ema, nullcontext)
+    assert all(torch.equal(v, d0[k]) for k, v in discs.state_dict().items())
+    assert all(p.grad is None for p in discs.parameters()) and "disc/grad_norm" not in m
+    assert m["gen/loss"] > 0 and any(not torch.equal(p, p0[n]) for n, p in policy.named_parameters())
 
 
 # ------------------------------------------------------------------------------------ bench.py
@@ -652,6 +823,10 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_re
     assert set(r["eval"]) == {"test", "shift"} and r["eval"]["test"]["pairs"] == 4
     assert len(r["metrics"]) == 1 and r["train_wall_s"] > 0 and r["peak_memory_gib"] > 0
     assert not (tmp_path / "runs" / "dpo-n0.2-s0").exists()  # weights deleted once recorded
+    # paths in a record are the repository's, so any clone can rerun it
+    assert str(tmp_path) not in path.read_text() and HERE not in path.read_text()
+    assert r["train_command"].startswith("python train.py --output_dir runs/grid/dpo-n0.2-s0 --eval_every 8 ")
+    assert r["eval_command"].startswith("python eval.py runs/grid/dpo-n0.2-s0 --split test,shift ")
     again = run()
     assert again.returncode == 0 and "training" not in again.stdout  # a finished cell is not rerun
     # the same cell run again into another folder reproduces every figure; a changed figure is named

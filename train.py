@@ -282,7 +282,7 @@ def main():
     bar = tqdm(range(start, cfg.max_steps + 1), initial=start, total=cfg.max_steps + 1, desc="ganpo", dynamic_ncols=True)
     for step in bar:
         last = step == cfg.max_steps
-        if last or (cfg.eval_every and step % cfg.eval_every == 0 and step > start):
+        if last or (cfg.eval_every and step % cfg.eval_every == 0 and step > 0):  # a resumed run evaluates where it stopped
             policy.eval()
             splits = held_out if last else {periodic_split: held_out[periodic_split][:periodic_batches]}
             for name, batches in splits.items():

@@ -114,7 +114,8 @@ def run_cell(cell, args):
               "step_time_median_s": statistics.median(m["step_time"] for m in steps),
               "peak_memory_gib": max(m.get("memory/peak_gib", 0) for m in steps),
               "final_eval": {s: {k[5:]: v for k, v in m.items() if k.startswith("eval/")} for s, m in final.items()},
-              "eval": ev["splits"], "train_config": ev["train_config"], "metrics": steps, "evals": evals}
+              "eval": ev["splits"], "train_config": {**ev["train_config"], "output_dir": train_as_recorded[3]},
+              "metrics": steps, "evals": evals}
     os.makedirs(args.results, exist_ok=True)
     path = os.path.join(args.results, cell["name"] + ".json")
     with open(path + ".tmp", "w") as f:
@@ -207,6 +208,7 @@ def report(args):
                     mean_sd([e["latent/mmd2"] for e in ev]), mean_sd([g.get("degenerate") for g in gen]),
                     mean_sd([g.get("distinct_2") for g in gen])]
             lines.append(f"| {method} | {noise:g} | {split} | {len(ev)} | " + " | ".join(cols) + " |")
+    lines += game_table(groups)
     lines += paired(done, t)
     lines += ["", "| method | cells | median s/step | peak memory GiB | train wall s | eval wall s |", "|---|---|---|---|---|---|"]
     by_method = {}
@@ -222,9 +224,81 @@ def report(args):
         f.write(text)
     print(text)
     plot(done, groups, os.path.join(args.results, "..", "results.png"), t)
+    plot_game(done, os.path.join(args.results, "..", "game.png"))
 
 
-PAIRS = (("dpo", "ganpo"), ("simpo", "ganpo-simpo"))  # (base loss, the same loss + the adversarial term)
+def weight_change(record):
+    """Both discriminators' relative weight change from their initial weights at the last step, averaged."""
+    last = record["metrics"][-1]
+    return (last["disc/chosen/weight_change"] + last["disc/rejected/weight_change"]) / 2 if "disc/chosen/weight_change" in last else None
+
+
+def game_table(groups):
+    """SPEC §8: the discriminators' own view of held-out pairs beside the independent drift measures."""
+    lines = ["", "The discriminator game at the end of training (eval.py on 100 held-out pairs per split). "
+             "D AUC: the trained discriminators' held-out AUC, reference over policy latents of their polarity "
+             "(ref > policy) and policy latents over the reference's of the other polarity (policy > other); "
+             "0.5 = chance, '-' = no discriminators or a record from before they were measured. Weight change: "
+             "‖θ_D − θ_D,0‖ / ‖θ_D,0‖. Then the independent drift measures (no discriminator involved): MMD² and "
+             "cosine to the reference's latents, and a fresh linear probe's accuracy (0.5 = indistinguishable).", "",
+             "| method | noise | split | n | D AUC ref > policy | D AUC policy > other | D weight change | MMD² | cosine | probe | pref. acc |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (method, noise), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        for split in SPLITS:
+            ev = [r["eval"][split] for r in rs if split in r["eval"]]
+            cols = [mean_sd([e.get("disc/auc_real_fake") for e in ev]), mean_sd([e.get("disc/auc_fake_contrast") for e in ev]),
+                    mean_sd([weight_change(r) for r in rs]), mean_sd([e["latent/mmd2"] for e in ev]),
+                    mean_sd([e["latent/cosine"] for e in ev]), mean_sd([e["latent/probe_accuracy"] for e in ev]),
+                    mean_sd([e["rewards/accuracies"] for e in ev])]
+            lines.append(f"| {method} | {noise:g} | {split} | {len(ev)} | " + " | ".join(cols) + " |")
+    return lines
+
+
+def plot_game(done, path):
+    """Held-out discriminator AUC and weight change over training, and where each run's latents ended up."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no figure")
+        return
+    methods = sorted({r["method"] for r in done})
+    color = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    style = {0.0: "-", 0.2: "--", 0.4: ":"}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    labelled, scattered = set(), set()
+    for r in sorted(done, key=lambda r: (r["method"], r["noise"], r["seed"])):
+        label = r["method"] if r["method"] not in labelled else None
+        evals = [e for e in r.get("evals", []) if e["split"] == "test" and "eval/disc/auc_real_fake" in e]
+        if evals:
+            labelled.add(r["method"])
+            axes[0].plot([0] + [e["step"] for e in evals], [0.5] + [e["eval/disc/auc_real_fake"] for e in evals],
+                         color=color[r["method"]], linestyle=style.get(r["noise"], "-"), marker="o", ms=3, label=label)
+            change = [(m["step"] + 1, (m["disc/chosen/weight_change"] + m["disc/rejected/weight_change"]) / 2)
+                      for m in r["metrics"]]
+            axes[1].plot(*zip(*change), color=color[r["method"]], linestyle=style.get(r["noise"], "-"))
+        auc_end = r["eval"]["test"].get("disc/auc_real_fake")
+        axes[2].scatter(auc_end if auc_end is not None else 0.5, r["eval"]["test"]["latent/mmd2"], color=color[r["method"]],
+                        marker={0.0: "o", 0.2: "s", 0.4: "^"}.get(r["noise"], "x"), s=40,
+                        label=r["method"] if r["method"] not in scattered else None)
+        scattered.add(r["method"])
+    axes[0].axhline(0.5, color="gray", lw=0.8)
+    axes[0].set(xlabel="policy step", ylabel="held-out AUC, reference > policy",
+                title="discriminators' view over training (test; 0.5 at step 0: policy = reference)")
+    axes[0].legend(fontsize=7)
+    axes[1].set(xlabel="policy step", ylabel="‖θ_D − θ_D,0‖ / ‖θ_D,0‖", yscale="symlog", title="discriminator weight change")
+    axes[1].set_yscale("symlog", linthresh=1e-4)
+    axes[2].set(xlabel="final held-out AUC, reference > policy (DPO, no D: 0.5)", ylabel="latent MMD² to the reference (test)",
+                title="did a discriminator that sees the drift hold it back?")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {os.path.normpath(path)}")
+
+
+# (base loss, the same loss + the adversarial term)
+PAIRS = [("dpo", m) for m in METHODS if m.startswith("ganpo") and m != "ganpo-simpo"] + [("simpo", "ganpo-simpo")]
 
 
 def paired(done, t):
