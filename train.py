@@ -6,7 +6,13 @@
 
 The loop follows SPEC §6: per optimizer step, each micro-batch gets one policy forward and one
 reference forward, a discriminator backward on detached latents, and a policy backward through
-the frozen discriminators; then both optimizers step once.
+the frozen discriminators; then both optimizers step (the discriminators --disc_steps times).
+
+The authors' discriminator settings, as one set of flags:
+    --disc_lr_ratio 0.5 --disc_steps 1 --disc_loss quad --disc_tokens all
+Every step logs the discriminators' loss split into its real/fake and contrastive pairs, each
+pair's ranking accuracy and each discriminator's weight change from its initial weights; every
+held-out evaluation logs their AUC (README, "Is the discriminator game playing?").
 """
 import json
 import math

@@ -44,6 +44,7 @@ METHODS = {"dpo": ["--adv_weight", "0"],
            "ganpo-dlr20x-ragan": gan(disc_lr=5e-4, loss="ragan"), "ganpo-dlr200x-ragan": gan(disc_lr=5e-3, loss="ragan"),
            "ganpo-dlr20x-ragan-k4": gan(disc_lr=5e-4, steps=4, loss="ragan"),
            "ganpo-dlr20x-resp": gan(disc_lr=5e-4, tokens="response"),
+           "ganpo-dlr20x-ragan-adv0.3": [*gan(disc_lr=5e-4, loss="ragan"), "--adv_weight", "0.3"],
            "simpo": ["--loss", "simpo", "--beta", "2.0", "--gamma", "0.5", "--adv_weight", "0"],
            "ganpo-simpo": ["--loss", "simpo", "--beta", "2.0", "--gamma", "0.5"]}
 # periodic held-out evaluations, so the discriminators' AUC can be followed over training
@@ -96,6 +97,12 @@ def run_cell(cell, args):
     log = os.path.join(args.runs, cell["name"] + ".log")
     print(f"[{time.strftime('%H:%M:%S')}] {cell['name']}: training (log: {log})", flush=True)
     train_s = run_logged(train, log)
+    with open(os.path.join(run, "run_config.json")) as f:
+        max_steps = json.load(f)["max_steps"]
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        finished = any("split" in r and r["step"] == max_steps for r in map(json.loads, f))
+    if not finished:  # train.py saves and exits cleanly when stopped by a signal: never score a half-trained policy
+        sys.exit(f"error: {cell['name']}: training stopped before step {max_steps}; rerun the grid to resume it")
     print(f"[{time.strftime('%H:%M:%S')}] {cell['name']}: evaluating", flush=True)
     eval_s = run_logged(evaluate, log)
     with open(os.path.join(run, "metrics.jsonl")) as f:
