@@ -285,19 +285,22 @@ def plot_game(done, path):
             change = [(m["step"] + 1, (m["disc/chosen/weight_change"] + m["disc/rejected/weight_change"]) / 2)
                       for m in r["metrics"]]
             axes[1].plot(*zip(*change), color=color[r["method"]], linestyle=style.get(r["noise"], "-"))
-        auc_end = r["eval"]["test"].get("disc/auc_real_fake")
-        axes[2].scatter(auc_end if auc_end is not None else 0.5, r["eval"]["test"]["latent/mmd2"], color=color[r["method"]],
+        auc_end = r["eval"]["test"].get("disc/auc_real_fake", 0.5 if r["train_config"]["adv_weight"] == 0 else None)
+        if auc_end is None:  # a GANPO record from before the discriminators were measured
+            continue
+        axes[2].scatter(auc_end, r["eval"]["test"]["latent/mmd2"], color=color[r["method"]],
                         marker={0.0: "o", 0.2: "s", 0.4: "^"}.get(r["noise"], "x"), s=40,
                         label=r["method"] if r["method"] not in scattered else None)
         scattered.add(r["method"])
     axes[0].axhline(0.5, color="gray", lw=0.8)
     axes[0].set(xlabel="policy step", ylabel="held-out AUC, reference > policy",
-                title="discriminators' view over training (test; 0.5 at step 0: policy = reference)")
+                title="discriminators' held-out view (test)")
     axes[0].legend(fontsize=7)
     axes[1].set(xlabel="policy step", ylabel="‖θ_D − θ_D,0‖ / ‖θ_D,0‖", yscale="symlog", title="discriminator weight change")
-    axes[1].set_yscale("symlog", linthresh=1e-4)
+    axes[1].set_yscale("symlog", linthresh=1e-4)  # symlog: frozen discriminators sit at exactly 0
+    axes[1].set_yticks([0, 1e-4, 1e-3, 1e-2, 1e-1])
     axes[2].set(xlabel="final held-out AUC, reference > policy (DPO, no D: 0.5)", ylabel="latent MMD² to the reference (test)",
-                title="did a discriminator that sees the drift hold it back?")
+                title="end of training (o noise 0, s 0.2, ^ 0.4)")
     axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
