@@ -686,6 +686,8 @@ def evaluate(policy, ref, batches, cfg, autocast, latents=False, ref_cache=None,
     ref_cache: a dict kept between calls; the reference never changes, so its forward runs once."""
     sums, n, pooled, scores = {}, 0, {"policy": [], "ref": []}, {}
     need_hidden = latents or discs is not None
+    if discs is not None:
+        discs.eval()
     for i, batch in enumerate(batches):
         cached = ref_cache.get(i) if ref_cache is not None else None
         with autocast():
@@ -705,7 +707,6 @@ def evaluate(policy, ref, batches, cfg, autocast, latents=False, ref_cache=None,
             pooled["policy"].append(mean_pool(policy_hidden, batch["attention_mask"]))
             pooled["ref"].append(mean_pool(ref_hidden, batch["attention_mask"]))
         if discs is not None:
-            discs.eval()
             real, fake, mask = _latents_by_side(batch, policy_hidden, ref_hidden, cfg.disc_tokens)
             with autocast():
                 for side, other in SIDES:

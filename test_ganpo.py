@@ -508,7 +508,8 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, data_file, trained_r
              for d in (whole, tmp_path / "stopped")]
     assert lines[0] == lines[1]  # every logged figure, each step logged once
     if variant == "frozen":
-        assert sb["disc_opt"] is None and all(torch.equal(sb["discs"][k], v) for k, v in sb["discs_init"].items())
+        assert sb["disc_opt"] is None and all(torch.equal(sb["discs"][f"{side}.{k}"], v)
+                                              for side, init in sb["discs_init"].items() for k, v in init.items())
         assert {r["disc/chosen/weight_change"] for r in lines[1] if "split" not in r} == {0.0}
     else:
         assert lines[1][-2]["disc/chosen/weight_change"] > 0

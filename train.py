@@ -224,7 +224,8 @@ def main():
     if cfg.adv_weight > 0:  # with λ = 0 nothing adversarial is built, so the run is exactly the base loss
         discs = ganpo.build_discriminators(policy.config.hidden_size, d_disc=cfg.disc_dim, n_layers=cfg.disc_layers,
                                            n_heads=cfg.disc_heads).to(device)
-        disc_init = {n: p.detach().clone() for n, p in discs.named_parameters()}  # θ_D,0, for the weight change
+        disc_init = {side: {n: p.detach().clone() for n, p in d.named_parameters()}  # θ_D,0, for the weight change
+                     for side, d in discs.items()}
         if disc_peak_lr > 0:  # lr 0 = frozen: no optimizer at all, so not a bit of the networks moves
             disc_opt = torch.optim.AdamW(discs.parameters(), lr=disc_peak_lr, weight_decay=0.01)
     ema = {}
@@ -325,8 +326,7 @@ def main():
                   "memory/peak_gib": ganpo.peak_memory_bytes(device) / 2 ** 30})
         if discs is not None:  # ‖θ_D − θ_D,0‖ / ‖θ_D,0‖: has each discriminator left its random start?
             for side in ("chosen", "rejected"):
-                init = {n.split(".", 1)[1]: v for n, v in disc_init.items() if n.startswith(side + ".")}
-                m[f"disc/{side}/weight_change"] = ganpo.relative_change(discs[side], init)
+                m[f"disc/{side}/weight_change"] = ganpo.relative_change(discs[side], disc_init[side])
         log(m)
         if not math.isfinite(m["loss"]):
             fail(f"loss became {m['loss']} at step {step}; try a lower --lr or --dtype fp32 (last checkpoint kept)")

@@ -76,6 +76,12 @@ def commands(cell, args, runs=None, python=sys.executable):
     return run, train, evaluate
 
 
+def recorded_commands(cell, args):
+    """-> train and eval commands as a record keeps them: default run folder, plain `python`."""
+    _, train, evaluate = commands(cell, args, runs=os.path.join("runs", "grid"), python="python")
+    return train, evaluate
+
+
 def run_logged(cmd, log_path):
     """Run cmd with its output in log_path; -> wall seconds. A failure stops the grid with one line."""
     t0 = time.time()
@@ -100,20 +106,18 @@ def run_cell(cell, args):
     with open(os.path.join(run, "run_config.json")) as f:
         max_steps = json.load(f)["max_steps"]
     with open(os.path.join(run, "metrics.jsonl")) as f:
-        finished = any("split" in r and r["step"] == max_steps for r in map(json.loads, f))
-    if not finished:  # train.py saves and exits cleanly when stopped by a signal: never score a half-trained policy
-        sys.exit(f"error: {cell['name']}: training stopped before step {max_steps}; rerun the grid to resume it")
-    print(f"[{time.strftime('%H:%M:%S')}] {cell['name']}: evaluating", flush=True)
-    eval_s = run_logged(evaluate, log)
-    with open(os.path.join(run, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f]
     steps = [m for m in metrics if "split" not in m]
     evals = [m for m in metrics if "split" in m]  # periodic and final held-out evaluations
-    final = {m["split"]: m for m in evals if m["step"] == max(s["step"] for s in metrics)}
+    final = {m["split"]: m for m in evals if m["step"] == max_steps}
+    if not final:  # train.py saves and exits cleanly when stopped by a signal: never score a half-trained policy
+        sys.exit(f"error: {cell['name']}: training stopped before step {max_steps}; rerun the grid to resume it")
+    print(f"[{time.strftime('%H:%M:%S')}] {cell['name']}: evaluating", flush=True)
+    eval_s = run_logged(evaluate, log)
     with open(os.path.join(run, "eval.json")) as f:
         ev = json.load(f)["results"][0]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    _, train_as_recorded, evaluate_as_recorded = commands(cell, args, runs=os.path.join("runs", "grid"), python="python")
+    train_as_recorded, evaluate_as_recorded = recorded_commands(cell, args)
     record = {**cell, "commit": commit, "train_command": shlex.join(train_as_recorded),
               "eval_command": shlex.join(evaluate_as_recorded),
               "hardware": f"{platform.machine()} {os.cpu_count()} cores ({platform.processor() or platform.platform()})",
@@ -234,10 +238,23 @@ def report(args):
     plot_game(done, os.path.join(args.results, "..", "game.png"))
 
 
-def weight_change(record):
-    """Both discriminators' relative weight change from their initial weights at the last step, averaged."""
-    last = record["metrics"][-1]
-    return (last["disc/chosen/weight_change"] + last["disc/rejected/weight_change"]) / 2 if "disc/chosen/weight_change" in last else None
+def weight_change(step_metrics):
+    """Both discriminators' relative weight change from their initial weights at one step, averaged
+    (None: no discriminators, or a record from before it was logged)."""
+    m = step_metrics
+    return (m["disc/chosen/weight_change"] + m["disc/rejected/weight_change"]) / 2 if "disc/chosen/weight_change" in m else None
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None (with a line saying so) if it is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no figure")
+        return None
+    return plt
 
 
 def game_table(groups):
@@ -254,7 +271,7 @@ def game_table(groups):
         for split in SPLITS:
             ev = [r["eval"][split] for r in rs if split in r["eval"]]
             cols = [mean_sd([e.get("disc/auc_real_fake") for e in ev]), mean_sd([e.get("disc/auc_fake_contrast") for e in ev]),
-                    mean_sd([weight_change(r) for r in rs]), mean_sd([e["latent/mmd2"] for e in ev]),
+                    mean_sd([weight_change(r["metrics"][-1]) for r in rs]), mean_sd([e["latent/mmd2"] for e in ev]),
                     mean_sd([e["latent/cosine"] for e in ev]), mean_sd([e["latent/probe_accuracy"] for e in ev]),
                     mean_sd([e["rewards/accuracies"] for e in ev])]
             lines.append(f"| {method} | {noise:g} | {split} | {len(ev)} | " + " | ".join(cols) + " |")
@@ -263,12 +280,8 @@ def game_table(groups):
 
 def plot_game(done, path):
     """Held-out discriminator AUC and weight change over training, and where each run's latents ended up."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no figure")
+    plt = pyplot()
+    if plt is None:
         return
     methods = sorted({r["method"] for r in done})
     color = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
@@ -282,9 +295,7 @@ def plot_game(done, path):
             labelled.add(r["method"])
             axes[0].plot([0] + [e["step"] for e in evals], [0.5] + [e["eval/disc/auc_real_fake"] for e in evals],
                          color=color[r["method"]], linestyle=style.get(r["noise"], "-"), marker="o", ms=3, label=label)
-            change = [(m["step"] + 1, (m["disc/chosen/weight_change"] + m["disc/rejected/weight_change"]) / 2)
-                      for m in r["metrics"]]
-            axes[1].plot(*zip(*change), color=color[r["method"]], linestyle=style.get(r["noise"], "-"))
+            axes[1].plot([m["step"] + 1 for m in r["metrics"]], [weight_change(m) for m in r["metrics"]], color=color[r["method"]], linestyle=style.get(r["noise"], "-"))
         auc_end = r["eval"]["test"].get("disc/auc_real_fake", 0.5 if r["train_config"]["adv_weight"] == 0 else None)
         if auc_end is None:  # a GANPO record from before the discriminators were measured
             continue
@@ -296,7 +307,7 @@ def plot_game(done, path):
     axes[0].set(xlabel="policy step", ylabel="held-out AUC, reference > policy",
                 title="discriminators' held-out view (test)")
     axes[0].legend(fontsize=7)
-    axes[1].set(xlabel="policy step", ylabel="‖θ_D − θ_D,0‖ / ‖θ_D,0‖", yscale="symlog", title="discriminator weight change")
+    axes[1].set(xlabel="policy step", ylabel="‖θ_D − θ_D,0‖ / ‖θ_D,0‖", title="discriminator weight change")
     axes[1].set_yscale("symlog", linthresh=1e-4)  # symlog: frozen discriminators sit at exactly 0
     axes[1].set_yticks([0, 1e-4, 1e-3, 1e-2, 1e-1])
     axes[2].set(xlabel="final held-out AUC, reference > policy (DPO, no D: 0.5)", ylabel="latent MMD² to the reference (test)",
@@ -342,12 +353,8 @@ def paired(done, t):
 
 
 def plot(done, groups, path, t):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no figure")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     colors = {"dpo": "tab:blue", "ganpo": "tab:red", "simpo": "tab:green", "ganpo-simpo": "tab:purple"}
@@ -406,7 +413,7 @@ def main():
     for cell in todo:
         done = os.path.isfile(os.path.join(args.results, cell["name"] + ".json"))
         if args.dry_run:
-            _, train, evaluate = commands(cell, args, runs=os.path.join("runs", "grid"), python="python")
+            train, evaluate = recorded_commands(cell, args)
             print(f"{cell['name']}{' (done)' if done else ''}\n  {shlex.join(train)}\n  {shlex.join(evaluate)}")
         elif not done:
             run_cell(cell, args)
