@@ -27,6 +27,7 @@ Deviations from the authors' code (on purpose; see README):
 This module never parses argv and never prints: train.py and eval.py do.
 """
 import copy
+import hashlib
 import importlib.util
 import json
 import math
@@ -35,6 +36,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
@@ -358,6 +360,8 @@ def forward_logps_and_hidden(model, batch, chunk_tokens=1024):
     of the LM head runs under activation checkpointing, so its float32 (chunk, V) logits are freed
     after the forward and recomputed in the backward: a large vocabulary never sits in memory in
     float32 for the whole batch."""
+    if isinstance(model, LogpsAndHidden):  # torchrun: go through the wrapper's forward (end of file)
+        return model(batch, chunk_tokens)
     out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long())
     hidden = out.last_hidden_state  # (2B, T, d): after the final norm
     scored = batch["completion_mask"][:, 1:]  # (2B, T-1): position t scores token t+1
@@ -508,7 +512,7 @@ EMA_KEYS = ("chosen/real", "chosen/fake", "chosen/contrast", "rejected/real", "r
 def update_ema(ema, logits, decay):
     """m̄ ← μ·m̄ + (1−μ)·mean(x), detached; the first value initialises it. In place on the dict `ema`."""
     for key, x in logits.items():
-        value = x.detach().float().mean()
+        value = mean_over_ranks(x.detach().float().mean())  # torchrun: every rank holds the same m̄
         ema[key] = value if key not in ema else decay * ema[key] + (1 - decay) * value
 
 
@@ -621,7 +625,8 @@ def grad_norm_and_clip(params, max_norm):
     params = [p for p in params if p.grad is not None]
     if not params:
         return torch.zeros(())
-    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: the norm over all shards
 
 
 def ganpo_step(policy, ref, discs, policy_opt, disc_opt, micro_batches, cfg, ema, autocast, max_grad_norm=1.0):
@@ -633,8 +638,10 @@ def ganpo_step(policy, ref, discs, policy_opt, disc_opt, micro_batches, cfg, ema
     most about lr per update, so with a slow discriminator and few steps it never leaves its random
     initialisation (SPEC §8); GAN practice gives the discriminator more updates (n_critic) or a
     larger rate (TTUR). Frozen discriminators (cfg.disc_frozen) never step."""
-    per_micro = [ganpo_micro_step(policy, ref, discs, b, cfg, ema, len(micro_batches), autocast)
-                 for b in micro_batches]
+    per_micro = []
+    for i, b in enumerate(micro_batches):
+        sync_gradients(policy, i == len(micro_batches) - 1)  # torchrun: reduce the gradients once per step
+        per_micro.append(ganpo_micro_step(policy, ref, discs, b, cfg, ema, len(micro_batches), autocast))
     metrics = {k: torch.stack([m[k].float() for m, _ in per_micro]).mean() for k in per_micro[0][0] if k != "tokens"}
     metrics["tokens"] = sum(m["tokens"] for m, _ in per_micro)
     if discs is not None and not cfg.disc_frozen:
@@ -642,6 +649,7 @@ def ganpo_step(policy, ref, discs, policy_opt, disc_opt, micro_batches, cfg, ema
             if k > 0:  # a further update: score this step's latents again (the running means move on too)
                 for _, disc_inputs in per_micro:
                     discriminator_pass(discs, *disc_inputs, cfg, ema, len(micro_batches), autocast)
+            average_gradients(discs)  # torchrun: every rank's discriminators take the same step
             grad_norm = grad_norm_and_clip(discs.parameters(), max_grad_norm)
             metrics.setdefault("disc/grad_norm", grad_norm)  # the first update's, as with one step
             disc_opt.step()
@@ -688,7 +696,11 @@ def evaluate(policy, ref, batches, cfg, autocast, latents=False, ref_cache=None,
     need_hidden = latents or discs is not None
     if discs is not None:
         discs.eval()
-    for i, batch in enumerate(batches):
+    rank, world = rank_and_world()
+    n_forwards = -(-len(batches) // world) * world  # torchrun: every rank runs as many forwards as the others
+    for j in range(rank, n_forwards, world):  # one process: every batch in order
+        i = min(j, len(batches) - 1)
+        batch = batches[i]
         cached = ref_cache.get(i) if ref_cache is not None else None
         with autocast():
             policy_logps, n_tokens, policy_hidden = forward_logps_and_hidden(policy, batch, cfg.logits_chunk)
@@ -698,6 +710,8 @@ def evaluate(policy, ref, batches, cfg, autocast, latents=False, ref_cache=None,
                     ref_cache[i] = (ref_logps, ref_hidden if need_hidden else None)
             else:
                 ref_logps, ref_hidden = cached
+        if j >= len(batches):  # a padding forward (torchrun): the collectives needed it, the figures do not
+            continue
         losses = opo_loss(cfg, policy_logps, ref_logps, n_tokens)
         B = losses.shape[0]
         for k, v in preference_metrics(policy_logps, ref_logps, n_tokens, cfg.beta, losses).items():
@@ -713,6 +727,7 @@ def evaluate(policy, ref, batches, cfg, autocast, latents=False, ref_cache=None,
                     for role, h, m in (("real", real[side], mask[side]), ("fake", fake[side], mask[side]),
                                        ("contrast", real[other], mask[other])):
                         scores.setdefault(f"{side}/{role}", []).append(discs[side](h, m).float())
+    sums, n, scores, pooled = gather_over_ranks(sums, n, scores, pooled)
     result = {k: v / n for k, v in sums.items()}
     if discs is not None:
         s = {k: torch.cat(v) for k, v in scores.items()}
@@ -730,3 +745,152 @@ def cosine_lr(step, max_steps, lr, warmup_steps, min_lr_ratio=0.1):
         return lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------------------------
+# scale-out (SPEC §10): the lines torchrun needs, all here. On one process each is a no-op, and a
+# reader of the algorithm can skip this section.
+#
+#   torchrun --nproc_per_node N train.py ...: every rank runs the same script with the same seed
+#   (same initial weights everywhere), takes its share of each step's pairs, and
+#   - the policy and the reference are sharded with FSDP2 (shard); they are called through
+#     LogpsAndHidden, because FSDP gathers a module's weights only around that module's forward;
+#   - the small discriminators are replicated: each rank keeps a full copy, and their gradients are
+#     averaged before every step (average_gradients), so the copies stay identical;
+#   - the running means average the logits of every rank's pairs (mean_over_ranks in update_ema);
+#   - held-out evaluation splits the batches over ranks and puts the figures together.
+
+def start_distributed():
+    """-> (rank, world size, device). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK in each process;
+    without them (python train.py) nothing is initialised: (0, 1, "cuda" or "cpu")."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world == 1:
+        return 0, 1, device
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" then means this rank's GPU
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def mean_over_ranks(x):
+    """The mean of a tensor over processes (the tensor itself on one process)."""
+    if rank_and_world()[1] == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / dist.get_world_size()
+
+
+class LogpsAndHidden(nn.Module):
+    """A causal LM as one module whose forward is forward_logps_and_hidden. DDP synchronises and FSDP
+    gathers weights only around a module's forward; calling the decoder and the LM head directly
+    (as forward_logps_and_hidden does) would bypass them: DDP would never average the gradients,
+    FSDP would hand sharded weights to the LM head."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, chunk_tokens=1024):
+        return forward_logps_and_hidden(self.model, batch, chunk_tokens)
+
+
+def shard(model, bf16):
+    """FSDP2: shard each decoder layer, then the rest (embeddings, final norm, LM head) with the root.
+    bf16: compute in bf16, reduce gradients in float32 (GPUs). Policy and reference go through this
+    alike, so they compute alike and the rewards are exactly 0 at step 0."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, mp_policy=mp)
+    wrapped = LogpsAndHidden(model).train(model.training)
+    fully_shard(wrapped, mp_policy=mp)
+    return wrapped
+
+
+def unwrap(model):
+    """The transformers model inside LogpsAndHidden (for save_pretrained, config)."""
+    return model.model if isinstance(model, LogpsAndHidden) else model
+
+
+def sync_gradients(model, now):
+    """FSDP2 reduces gradients in every backward unless told not to: with gradient accumulation only
+    the last micro-batch of a step reduces (the others accumulate locally)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(now)
+
+
+def average_gradients(module):
+    """What DDP does for a replicated module, written out: average each gradient over ranks."""
+    if rank_and_world()[1] == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            p.grad.copy_(mean_over_ranks(p.grad))
+
+
+def gather_objects(obj):
+    """[every rank's obj] (picklable), in rank order; [obj] on one process."""
+    if rank_and_world()[1] == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_over_ranks(sums, n, *lists):
+    """evaluate's per-rank shares, put together: sums and counts added, lists of tensors joined."""
+    if rank_and_world()[1] == 1:
+        return (sums, n, *lists)
+    device = next((t.device for d in lists for v in d.values() for t in v), "cpu")
+    shares = gather_objects((sums, n, *[{k: [t.cpu() for t in v] for k, v in d.items()} for d in lists]))
+    sums = {k: sum(share[0].get(k, 0.0) for share in shares) for k in {k for share in shares for k in share[0]}}
+    n = sum(share[1] for share in shares)
+    joined = [{k: [t.to(device) for share in shares for t in share[2 + j][k]] for k in d} for j, d in enumerate(lists)]
+    return (sums, n, *joined)
+
+
+def full_state_dicts(model, optimizer):
+    """-> (model, optimizer) state dicts with whole tensors, for checkpoint.pt. One process: the usual
+    state_dict()s. FSDP2: every rank must call this; the shards are gathered onto rank 0's CPU (the
+    other ranks get empty dicts), and the model's keys are the plain model's, so save_pretrained
+    writes the same files as on one process."""
+    if not isinstance(model, LogpsAndHidden):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model.model, options=options)
+    seen = set()
+    for name, p in model.model.named_parameters(remove_duplicate=False):  # a tied LM head: kept once, as
+        if id(p) in seen:                                                  # state_dict() + save_pretrained do
+            model_state.pop(name, None)
+        seen.add(id(p))
+    return model_state, get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_state_dicts(model, optimizer, model_state, optimizer_state):
+    """The inverse of full_state_dicts: every rank takes its shards of the whole tensors."""
+    if not isinstance(model, LogpsAndHidden):
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model.model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def replica_fingerprint(discs, ema):
+    """What every rank must hold identically: a hash of the discriminators' weights and buffers, and
+    the running means. train.py stores every rank's fingerprint in checkpoint.pt."""
+    h = hashlib.sha256()
+    for v in (discs.state_dict().values() if discs is not None else ()):
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    return {"discs_sha256": h.hexdigest(), "ema": {k: float(v) for k, v in ema.items()}}

@@ -515,6 +515,120 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, data_file, trained_r
         assert lines[1][-2]["disc/chosen/weight_change"] > 0
 
 
+# ------------------------------------------------------------- several processes (torchrun, gloo, CPU)
+
+def run_torchrun(args, nproc=2, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                           os.path.join(HERE, "train.py"), *args], capture_output=True, text=True, env=env, cwd=HERE,
+                          timeout=300, **kw)
+
+
+DIST_FLAGS = [*TINY_FLAGS, "--max_steps", "4", "--eval_every", "2", "--eval_pairs", "3", "--save_every", "100",
+              "--lr", "1e-3"]
+
+
+def max_abs_diff(a, b, skip=()):
+    assert set(a) == set(b)
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if k not in skip)
+
+
+def train_records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tmp_path_factory, data_file):
+    """GANPO (the authors' flags, discriminator dropout on) on 2 processes."""
+    out = tmp_path_factory.mktemp("runs") / "two_process"
+    r = run_torchrun([*DIST_FLAGS, "--data", data_file, "--output_dir", str(out)])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return out, r.stdout
+
+
+def test_dpo_on_two_processes_equals_one_process_on_the_same_global_batch(tmp_path, data_file):
+    flags = [*DIST_FLAGS, "--data", data_file, "--adv_weight", "0", "--grad_accum", "2", "--gradient_checkpointing"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_train([*flags, "--output_dir", str(one)]).returncode == 0
+    r = run_torchrun([*flags, "--output_dir", str(two)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    initial = ganpo.load_policy("tiny", ganpo.load_tokenizer("tiny"), 0).state_dict()
+    assert max_abs_diff(a, {k: initial[k] for k in a}) > 1e-3  # it trained
+    assert max_abs_diff(a, b) < 1e-5
+    ra, rb = train_records(one), train_records(two)
+    assert [x["step"] for x in rb] == [x["step"] for x in ra] == [0, 1, 2, 2, 3, 4]  # one line per step (+ evals)
+    for x, y in zip(ra, rb):  # logged figures are over all ranks' pairs, not rank 0's share
+        for k in ("loss", "rewards/margins", "logps/chosen", "tokens", "eval/opo/loss", "eval/rewards/accuracies"):
+            if k in x:
+                assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), k
+
+
+def test_ganpo_on_two_processes_keeps_identical_replicas_and_matches_one_process_without_dropout(
+        tmp_path, data_file, two_process_run):
+    # the replicas: every rank holds the same discriminators and running means (dropout on: each
+    # rank draws its own masks, the averaged gradients still keep the copies identical)
+    state = torch.load(two_process_run[0] / "checkpoint.pt", weights_only=False)
+    assert state["world_size"] == 2 and len(state["replicas"]) == 2
+    assert state["replicas"][0] == state["replicas"][1]
+    discs = ganpo.build_discriminators(64, d_disc=32, n_heads=2)
+    discs.load_state_dict(state["discs"])
+    assert state["replicas"][0] == ganpo.replica_fingerprint(discs, state["ema"])  # the hash is of these weights
+    initial = {f"{s}.{k}": v for s, d in state["discs_init"].items() for k, v in d.items()}  # parameters only
+    assert max_abs_diff({k: state["discs"][k] for k in initial}, initial) > 1e-4  # and they did learn
+    # without dropout, 2 processes compute what 1 process computes on the same global batch
+    flags = [*DIST_FLAGS, "--data", data_file, "--disc_dropout", "0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_train([*flags, "--output_dir", str(one)]).returncode == 0
+    assert run_torchrun([*flags, "--output_dir", str(two)]).returncode == 0
+    assert max_abs_diff(load_file(one / "model.safetensors"), load_file(two / "model.safetensors")) < 1e-4
+    sa, sb = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (one, two))
+    # The output bias is left out: the two terms of each relativistic pair pull it in opposite directions
+    # and nearly cancel, so its gradient is mostly rounding, which Adam scales up to ~lr per step.
+    assert max_abs_diff(sa["discs"], sb["discs"], skip=("chosen.head.2.bias", "rejected.head.2.bias")) < 1e-4
+    assert sa["ema"] == pytest.approx(sb["ema"], abs=1e-4)
+    for x, y in zip(train_records(one), train_records(two)):
+        for k in ("loss", "gen/loss", "disc/loss", "disc/real_fake_acc", "eval/disc/auc_real_fake"):
+            if k in x:
+                assert y[k] == pytest.approx(x[k], abs=1e-4), k
+
+
+def test_two_process_run_stopped_by_sigterm_resumes_exactly_on_two_processes(tmp_path, data_file, two_process_run):
+    out = tmp_path / "stopped"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "train.py", *DIST_FLAGS, "--data", data_file, "--output_dir", str(out)], cwd=HERE, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "step 1 |" in line:
+            proc.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to every rank
+            break
+    rest = proc.stdout.read()
+    proc.wait(timeout=120)
+    stopped = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    assert 2 <= stopped < 4, rest
+    r = run_torchrun(["--output_dir", str(out), "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from step {stopped}" in r.stdout
+    whole = two_process_run[0]
+    assert max_abs_diff(load_file(whole / "model.safetensors"), load_file(out / "model.safetensors")) == 0
+    sa, sb = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (whole, out))
+    assert max_abs_diff(sa["discs"], sb["discs"]) == 0 and sa["ema"] == sb["ema"]
+    timing = ("step_time", "tokens_per_s", "memory/peak_gib")
+    lines = [[{k: v for k, v in x.items() if k not in timing} for x in train_records(d)] for d in (whole, out)]
+    assert lines[0] == lines[1]  # every logged figure, each step logged once
+    r = run_train(["--output_dir", str(out), "--resume"])  # on 1 process: one line saying how to resume it
+    assert r.returncode == 2 and "saved on 2 process(es)" in r.stderr.strip().splitlines()[-1]
+
+
+def test_batch_size_that_does_not_split_over_processes_gets_one_line_before_anything_loads(tmp_path, data_file):
+    r = run_torchrun([*DIST_FLAGS, "--data", data_file, "--batch_size", "6", "--grad_accum", "2",
+                      "--output_dir", str(tmp_path / "run")])
+    assert r.returncode != 0
+    assert "error: --batch_size 6 must be a multiple of 2 processes x --grad_accum 2" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------------------- bad input
 
 def run_main(monkeypatch, capsys, args):

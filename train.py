@@ -67,6 +67,7 @@ class Config:
     disc_dim: int = field(default=512, metadata={"help": "discriminator width (reference code: 512)"})
     disc_layers: int = field(default=2, metadata={"help": "discriminator transformer layers (reference code: 2)"})
     disc_heads: int = field(default=8, metadata={"help": "discriminator attention heads (reference code: 8)"})
+    disc_dropout: float = field(default=0.1, metadata={"help": "discriminator dropout (reference code: 0.1)"})
     disc_lr: Optional[float] = field(default=None, metadata={"help": "peak discriminator lr, absolute (overrides --disc_lr_ratio); 0 = frozen discriminators"})
     disc_lr_ratio: float = field(default=0.5, metadata={"help": "peak discriminator lr / policy lr (reference code: 0.5); 0 = frozen"})
     disc_steps: int = field(default=1, metadata={"help": "discriminator updates per policy step on that step's latents (reference code: 1)"})
@@ -85,7 +86,7 @@ def fail(message):
     sys.exit(2)
 
 
-def check_config(cfg):
+def check_config(cfg, world=1):
     if cfg.loss not in ("dpo", "simpo", "ipo"):
         fail(f"--loss {cfg.loss}: expected dpo, simpo or ipo")
     if cfg.disc_tokens not in ("all", "response"):
@@ -98,8 +99,11 @@ def check_config(cfg):
         fail("--disc_lr and --disc_lr_ratio must be >= 0 (0 = frozen discriminators)")
     if cfg.dtype not in ("auto", "bf16", "fp32"):
         fail(f"--dtype {cfg.dtype}: expected auto, bf16 or fp32")
-    if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
-        fail(f"--batch_size {cfg.batch_size} must be a multiple of --grad_accum {cfg.grad_accum}")
+    if cfg.grad_accum < 1 or cfg.batch_size % (world * cfg.grad_accum):
+        fail(f"--batch_size {cfg.batch_size} must be a multiple of --grad_accum {cfg.grad_accum}" if world == 1 else
+             f"--batch_size {cfg.batch_size} must be a multiple of {world} processes x --grad_accum {cfg.grad_accum}")
+    if not 0 <= cfg.disc_dropout < 1:
+        fail(f"--disc_dropout {cfg.disc_dropout}: expected a fraction in [0, 1)")
     if not 0 <= cfg.label_noise <= 1:
         fail(f"--label_noise {cfg.label_noise}: expected a fraction in [0, 1]")
     if cfg.max_steps < 0 or cfg.max_length < 2 or cfg.max_prompt_length < 1:
@@ -156,11 +160,11 @@ def pairs_for_step(step, n, batch_size, seed):
     return out
 
 
-def save_policy(policy, tokenizer, output_dir):
+def save_policy(policy, tokenizer, output_dir, state_dict=None):
     """save_pretrained into a temporary folder, then move each file into place (each move is atomic)."""
     tmp = os.path.join(output_dir, ".policy.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
+    policy.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     for name in os.listdir(tmp):
         os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
@@ -174,12 +178,18 @@ def atomic_torch_save(obj, path):
 
 def main():
     cfg = HfArgumentParser(Config).parse_args_into_dataclasses()[0]
-    check_config(cfg)
+    check_config(cfg, world=int(os.environ.get("WORLD_SIZE", 1)))  # torchrun sets WORLD_SIZE
+    rank, world, device = ganpo.start_distributed()  # one process: (0, 1, "cuda" or "cpu")
+    if rank > 0:  # torchrun: rank 0 alone prints, logs and saves
+        sys.stdout = open(os.devnull, "w")
     ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
     if cfg.resume:
         if not os.path.isfile(ckpt_path):
             fail(f"--resume: no checkpoint.pt in --output_dir {cfg.output_dir}")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+        if state.get("world_size", 1) != world:
+            fail(f"--resume: the run in {cfg.output_dir} was saved on {state.get('world_size', 1)} process(es); "
+                 f"resume it on as many (torchrun --nproc_per_node), not {world}")
         given = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "output_dir")}
         cfg = Config(**{**state["config"], "resume": True, "output_dir": cfg.output_dir})
         ignored = [k for k, v in given.items() if v != getattr(cfg, k) and v != getattr(Config, k)]
@@ -189,15 +199,14 @@ def main():
         fail(f"--output_dir {cfg.output_dir} already holds a run: pass --resume to continue it, or pick another folder")
     print(json.dumps(asdict(cfg)))
 
-    # --- setup: device, precision, models, data (plumbing)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    _, autocast = ganpo.precision(device, cfg.dtype)  # bf16 autocast on bf16 GPUs, float32 on CPU
+    # --- setup: precision, models, data (plumbing)
+    use_bf16, autocast = ganpo.precision(device, cfg.dtype)  # bf16 autocast on bf16 GPUs, float32 on CPU
 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     try:
         tokenizer = ganpo.load_tokenizer(cfg.model)
-        policy = ganpo.load_policy(cfg.model, tokenizer, cfg.seed).to(device)
+        policy = ganpo.load_policy(cfg.model, tokenizer, cfg.seed)
     except ValueError as e:
         fail(str(e))
     train, held_out = load_data(cfg, tokenizer)
@@ -206,15 +215,22 @@ def main():
         for i in flipped:
             train[i] = {**train[i], "chosen": train[i]["rejected"], "rejected": train[i]["chosen"]}
         print(f"label noise: swapped {len(flipped)} of {len(train)} training pairs")
-    micro = cfg.batch_size // cfg.grad_accum
+    share = cfg.batch_size // world  # pairs of each step on this process
+    micro = share // cfg.grad_accum
+    periodic_split = next(iter(held_out))  # periodic evaluations use its first --eval_pairs pairs
+    periodic = {periodic_split: ganpo.batches_of(held_out[periodic_split][:cfg.eval_pairs or None], micro,
+                                                 tokenizer.pad_token_id)}
     held_out = {s: ganpo.batches_of(ex, micro, tokenizer.pad_token_id) for s, ex in held_out.items()}
-    periodic_split = next(iter(held_out), None)  # periodic evaluations use its first --eval_pairs pairs
-    periodic_batches = math.ceil(cfg.eval_pairs / micro) if cfg.eval_pairs else None
-    ref_caches = {}  # split -> {batch index: reference log-probs}
+    ref_caches = {}  # (final?, split) -> {batch index: reference log-probs and latents}
 
     ref = ganpo.make_reference(policy)  # frozen copy of the initial policy, before any update
     if cfg.gradient_checkpointing:
         ganpo.enable_checkpointing(policy)
+    hidden_size = policy.config.hidden_size
+    if world == 1:
+        policy, ref = policy.to(device), ref.to(device)
+    else:  # torchrun: FSDP2 shards both alike (and moves the shards to this rank's GPU)
+        policy, ref = ganpo.shard(policy, use_bf16), ganpo.shard(ref, use_bf16)
     policy.train()
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Adam moves a weight by at most ~lr per update, so the discriminators' rate bounds how far they can
@@ -222,8 +238,8 @@ def main():
     disc_peak_lr = cfg.disc_lr if cfg.disc_lr is not None else cfg.lr * cfg.disc_lr_ratio
     discs, disc_opt, disc_init = None, None, None
     if cfg.adv_weight > 0:  # with λ = 0 nothing adversarial is built, so the run is exactly the base loss
-        discs = ganpo.build_discriminators(policy.config.hidden_size, d_disc=cfg.disc_dim, n_layers=cfg.disc_layers,
-                                           n_heads=cfg.disc_heads).to(device)
+        discs = ganpo.build_discriminators(hidden_size, d_disc=cfg.disc_dim, n_layers=cfg.disc_layers,
+                                           n_heads=cfg.disc_heads, dropout=cfg.disc_dropout).to(device)
         disc_init = {side: {n: p.detach().clone() for n, p in d.named_parameters()}  # θ_D,0, for the weight change
                      for side, d in discs.items()}
         if disc_peak_lr > 0:  # lr 0 = frozen: no optimizer at all, so not a bit of the networks moves
@@ -235,47 +251,57 @@ def main():
 
     # --- resume: every piece of state that the next step depends on
     os.makedirs(cfg.output_dir, exist_ok=True)
-    with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as f:  # eval.py reads it
-        json.dump(asdict(cfg), f, indent=1)
+    if rank == 0:
+        with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as f:  # eval.py reads it
+            json.dump(asdict(cfg), f, indent=1)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     start = 0
     if cfg.resume:
-        policy.load_state_dict(state["policy"])
-        policy_opt.load_state_dict(state["policy_opt"])
+        ganpo.load_full_state_dicts(policy, policy_opt, state["policy"], state["policy_opt"])
         if discs is not None:
             discs.load_state_dict(state["discs"])
             disc_init = state["discs_init"]
         if disc_opt is not None:
             disc_opt.load_state_dict(state["disc_opt"])
         ema = {k: torch.tensor(v) for k, v in state["ema"].items()}
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if device == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        rng = state["rng_ranks"][rank] if world > 1 else state["rng"]  # each rank's dropout draws are its own
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if device == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
         start = state["step"]
-        # drop metrics logged after the checkpoint (they will be logged again)
-        with open(metrics_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] < start]
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(metrics_path + ".tmp", metrics_path)
+        if rank == 0:  # drop metrics logged after the checkpoint (they will be logged again)
+            with open(metrics_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] < start]
+            with open(metrics_path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(metrics_path + ".tmp", metrics_path)
         print(f"resumed from step {start}")
         del state
 
     def save(step):
-        atomic_torch_save({"step": step, "config": asdict(cfg), "policy": policy.state_dict(),
-                           "policy_opt": policy_opt.state_dict(),
-                           "discs": discs.state_dict() if discs is not None else None, "discs_init": disc_init,
-                           "disc_opt": disc_opt.state_dict() if disc_opt is not None else None,
-                           "ema": {k: float(v) for k, v in ema.items()},
-                           "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                                   "cuda": torch.cuda.get_rng_state() if device == "cuda" else None}},
-                          ckpt_path)
-        save_policy(policy, tokenizer, cfg.output_dir)
+        policy_state, policy_opt_state = ganpo.full_state_dicts(policy, policy_opt)  # torchrun: whole tensors, on rank 0
+        rng = ganpo.gather_objects({"torch": torch.get_rng_state(), "python": random.getstate(),
+                                    "cuda": torch.cuda.get_rng_state() if device == "cuda" else None})
+        distributed = {}
+        if world > 1:  # torchrun: what every rank needs to resume, and proof that the replicas agree
+            distributed = {"world_size": world, "rng_ranks": rng,
+                           "replicas": ganpo.gather_objects(ganpo.replica_fingerprint(discs, ema))}
+            if any(r != distributed["replicas"][0] for r in distributed["replicas"]):
+                tqdm.write("warning: the ranks' discriminators or running means differ (checkpoint.pt 'replicas')")
+        if rank == 0:
+            atomic_torch_save({"step": step, "config": asdict(cfg), "policy": policy_state,
+                               "policy_opt": policy_opt_state,
+                               "discs": discs.state_dict() if discs is not None else None, "discs_init": disc_init,
+                               "disc_opt": disc_opt.state_dict() if disc_opt is not None else None,
+                               "ema": {k: float(v) for k, v in ema.items()}, "rng": rng[0], **distributed},
+                              ckpt_path)
+            save_policy(ganpo.unwrap(policy), tokenizer, cfg.output_dir, policy_state if world > 1 else None)
 
     def log(record):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     stop = {"signal": None}
 
@@ -286,15 +312,15 @@ def main():
     signal.signal(signal.SIGTERM, request_stop)
 
     # --- the loop: max_steps + 1 passes, so the last one evaluates and saves without training
-    bar = tqdm(range(start, cfg.max_steps + 1), initial=start, total=cfg.max_steps + 1, desc="ganpo", dynamic_ncols=True)
+    bar = tqdm(range(start, cfg.max_steps + 1), initial=start, total=cfg.max_steps + 1, desc="ganpo", dynamic_ncols=True,
+               disable=rank > 0)
     for step in bar:
         last = step == cfg.max_steps
         if last or (cfg.eval_every and step % cfg.eval_every == 0 and step > 0):  # a resumed run evaluates where it stopped
             policy.eval()
-            splits = held_out if last else {periodic_split: held_out[periodic_split][:periodic_batches]}
-            for name, batches in splits.items():
+            for name, batches in (held_out if last else periodic).items():
                 batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-                result = ganpo.evaluate(policy, ref, batches, loss_cfg, autocast, ref_cache=ref_caches.setdefault(name, {}),
+                result = ganpo.evaluate(policy, ref, batches, loss_cfg, autocast, ref_cache=ref_caches.setdefault((last, name), {}),
                                         discs=discs)
                 log({"step": step, "split": name, **{f"eval/{k}": v for k, v in result.items()}})
                 # the discriminators' held-out view: AUC 0.5 = they cannot tell policy from reference
@@ -314,14 +340,17 @@ def main():
         if disc_opt is not None:  # same warmup and cosine schedule, its own peak
             for group in disc_opt.param_groups:
                 group["lr"] = ganpo.cosine_lr(step, cfg.max_steps, disc_peak_lr, cfg.warmup_steps)
-        idx = pairs_for_step(step, len(train), cfg.batch_size, cfg.seed)
+        idx = pairs_for_step(step, len(train), cfg.batch_size, cfg.seed)[rank * share:(rank + 1) * share]
         micro_batches = [{k: v.to(device) for k, v in ganpo.collate([train[i] for i in idx[j:j + micro]],
                                                                   tokenizer.pad_token_id).items()}
-                         for j in range(0, cfg.batch_size, micro)]
+                         for j in range(0, share, micro)]
         t0 = time.time()
         m = ganpo.ganpo_step(policy, ref, discs, policy_opt, disc_opt, micro_batches, loss_cfg, ema, autocast,
                              cfg.max_grad_norm)
         dt = time.time() - t0
+        if world > 1:  # torchrun: log the figures of every rank's pairs, not this rank's share alone
+            m = dict(zip(m, ganpo.mean_over_ranks(torch.tensor(list(m.values()), dtype=torch.float64, device=device)).tolist()))
+            m["tokens"] *= world
         m.update({"step": step, "lr": lr, "step_time": dt, "tokens_per_s": m["tokens"] / dt,
                   "memory/peak_gib": ganpo.peak_memory_bytes(device) / 2 ** 30})
         if discs is not None:  # ‖θ_D − θ_D,0‖ / ‖θ_D,0‖: has each discriminator left its random start?
@@ -338,14 +367,21 @@ def main():
             tqdm.write(f"step {step} | loss {m['loss']:.4f} | acc {m['rewards/accuracies']:.2f} | "
                        f"margin {m['rewards/margins']:.3f} | logps w/l {m['logps/chosen']:.1f}/{m['logps/rejected']:.1f}"
                        f"{adv} | lr {lr:.2e} | {dt:.2f}s | {m['tokens_per_s']:.0f} tok/s")
-        if ((step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps) or stop["signal"]:
+        stopping = stop["signal"] is not None
+        if world > 1:  # torchrun: all ranks stop after the same step, whichever got the signal
+            stopping = bool(ganpo.mean_over_ranks(torch.tensor(float(stopping), device=device)) > 0)
+        if ((step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps) or stopping:
             save(step + 1)
-        if stop["signal"]:
-            tqdm.write(f"{stop['signal']}: saved step {step + 1} to {cfg.output_dir}; continue with --resume")
+        if stopping:
+            tqdm.write(f"{stop['signal'] or 'a signal'}: saved step {step + 1} to {cfg.output_dir}; continue with --resume")
             return
     save(cfg.max_steps)
     print(f"done: policy saved to {cfg.output_dir} (transformers.AutoModelForCausalLM.from_pretrained loads it)")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
