@@ -53,6 +53,7 @@ class BenchConfig:
     seed: int = field(default=0, metadata={"help": "seeds the random batch and the discriminators"})
     json: bool = field(default=False, metadata={"help": "print one JSON line of results at the end"})
     gpu_fit: bool = field(default=False, metadata={"help": "print the estimated memory of common models on 24/80/141 GB GPUs and exit"})
+    gpus: str = field(default="", metadata={"help": "--gpu_fit: also the memory per GPU with FSDP over these numbers of GPUs (e.g. 4,8)"})
     matmul: bool = field(default=False, metadata={"help": "print this machine's matmul rate in fp32 and bf16 autocast and exit"})
     only: str = field(default="", metadata={"help": "internal: run dpo or ganpo alone and print its peak memory"})
 
@@ -68,6 +69,7 @@ REFERENCE_MODELS = {"0.5B Qwen2.5-0.5B": (24, 896, 896, 128, 4864, 151936),
                     "8B Llama-3.1-8B": (32, 4096, 4096, 1024, 14336, 128256)}
 # more shapes for the memory estimate, with whether input and output embeddings are tied
 FIT_MODELS = {"SmolLM2-135M": ((30, 576, 576, 192, 1536, 49152), True),
+              "Gemma-2-2B": ((26, 2304, 2048, 1024, 9216, 256000), True),
               "Qwen2.5-0.5B": (REFERENCE_MODELS["0.5B Qwen2.5-0.5B"], True),
               "Qwen2.5-1.5B": ((28, 1536, 1536, 256, 8960, 151936), True),
               "SmolLM2-1.7B": (REFERENCE_MODELS["1.7B SmolLM2-1.7B"], True),
@@ -213,7 +215,23 @@ def memory_estimate(shape, tied, tokens, logits_chunk=1024, disc_dim=512, disc_l
     return state + acts + disc
 
 
-def print_gpu_fit(pairs, T):
+def fsdp_memory_estimate(shape, tied, tokens, gpus, logits_chunk=1024, disc_dim=512, disc_layers=2):
+    """Bytes per GPU with FSDP2 over `gpus` GPUs (torchrun train.py), bf16 compute + checkpointing, one
+    micro-batch of `tokens` tokens on each GPU.
+
+    Sharded: the 20 bytes per parameter of memory_estimate, divided by the number of GPUs. Gathered
+    while in use: the embeddings and LM head (the root group, kept whole from forward to backward:
+    2 bytes bf16 + 2 gradient + 4 for its float32 reduction, per parameter), and two decoder layers
+    at a time (the one computing and the one prefetched: the same 8 bytes per parameter). Not sharded:
+    the activations of this GPU's micro-batch and the replicated discriminators."""
+    layers, d, q, kv, ffn, vocab = shape
+    per_layer = 2 * d * q + 2 * d * kv + 3 * d * ffn
+    root = vocab * d * (1 if tied else 2)
+    unsharded = memory_estimate(shape, tied, tokens, logits_chunk, disc_dim, disc_layers) - 20 * n_params(shape, tied)
+    return 20 * n_params(shape, tied) / gpus + 8 * (root + 2 * per_layer) + unsharded
+
+
+def print_gpu_fit(pairs, T, gpus=()):
     tokens = 2 * pairs * T
     print(f"Estimated memory of GANPO training, bf16 autocast + gradient checkpointing, one micro-batch of "
           f"{pairs} pairs x {T} tokens ({tokens} tokens); see memory_estimate() for the formula")
@@ -224,6 +242,15 @@ def print_gpu_fit(pairs, T):
         print(f"{name:14s} {n_params(shape, tied) / 1e9:6.2f}B {20 * n_params(shape, tied) / 2 ** 30:9.1f} "
               f"{total:9.1f}  {fits}")
     print("(1.5 GiB is kept free for the CUDA context and allocator slack)")
+    if gpus:
+        print(f"\nWith FSDP (torchrun train.py), GiB per GPU, each GPU a micro-batch of {pairs} pairs x {T} tokens; "
+              f"see fsdp_memory_estimate()")
+        print(f"{'model':14s} {'params':>7s}  " + "  ".join(f"{f'{n} GPU' + 's' * (n > 1):>8s}" for n in gpus)
+              + "   fits on 80 GB GPUs")
+        for name, (shape, tied) in FIT_MODELS.items():
+            per_gpu = [fsdp_memory_estimate(shape, tied, tokens, n) / 2 ** 30 for n in gpus]
+            fits = ", ".join(f"{n}" for n, g in zip(gpus, per_gpu) if g + 1.5 <= GPUS_GIB["80 GB"]) or "-"
+            print(f"{name:14s} {n_params(shape, tied) / 1e9:6.2f}B  " + "  ".join(f"{g:8.1f}" for g in per_gpu) + f"   {fits}")
 
 
 def main():
@@ -237,8 +264,14 @@ def main():
     if cfg.vocab_size and cfg.model != "tiny":
         fail("--vocab_size works with --model tiny only")
 
+    try:
+        gpus = [int(n) for n in cfg.gpus.split(",") if n]
+    except ValueError:
+        fail(f"--gpus {cfg.gpus}: expected a comma list of numbers, e.g. 4,8")
+    if any(n < 1 for n in gpus):
+        fail(f"--gpus {cfg.gpus}: every number must be >= 1")
     if cfg.gpu_fit:
-        return print_gpu_fit(cfg.batch_size, cfg.max_length)
+        return print_gpu_fit(cfg.batch_size, cfg.max_length, gpus)
     if cfg.matmul:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         # bf16 only at 512: where there are no bf16 matrix units one 2048 x 2048 bf16 matmul takes minutes

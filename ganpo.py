@@ -626,7 +626,7 @@ def grad_norm_and_clip(params, max_norm):
     if not params:
         return torch.zeros(())
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: the norm over all shards
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # torchrun: FSDP2's norm over all shards
 
 
 def ganpo_step(policy, ref, discs, policy_opt, disc_opt, micro_batches, cfg, ema, autocast, max_grad_norm=1.0):
@@ -710,7 +710,7 @@ def evaluate(policy, ref, batches, cfg, autocast, latents=False, ref_cache=None,
                     ref_cache[i] = (ref_logps, ref_hidden if need_hidden else None)
             else:
                 ref_logps, ref_hidden = cached
-        if j >= len(batches):  # a padding forward (torchrun): the collectives needed it, the figures do not
+        if j >= len(batches):  # torchrun: a padding forward; the collectives needed it, the figures do not
             continue
         losses = opo_loss(cfg, policy_logps, ref_logps, n_tokens)
         B = losses.shape[0]
@@ -727,7 +727,7 @@ def evaluate(policy, ref, batches, cfg, autocast, latents=False, ref_cache=None,
                     for role, h, m in (("real", real[side], mask[side]), ("fake", fake[side], mask[side]),
                                        ("contrast", real[other], mask[other])):
                         scores.setdefault(f"{side}/{role}", []).append(discs[side](h, m).float())
-    sums, n, scores, pooled = gather_over_ranks(sums, n, scores, pooled)
+    sums, n, scores, pooled = gather_over_ranks(sums, n, scores, pooled)  # torchrun: every rank's share
     result = {k: v / n for k, v in sums.items()}
     if discs is not None:
         s = {k: torch.cat(v) for k, v in scores.items()}

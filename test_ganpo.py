@@ -921,6 +921,20 @@ def test_bench_reports_times_memory_and_flop_ratios(tmp_path):
 
 # ----------------------------------------------------------------------------- experiments/run.py
 
+def test_fsdp_memory_estimate_shards_the_state_and_keeps_gathered_layers_whole():
+    import bench
+    shape, tokens = (2, 4, 4, 2, 8, 10), 3  # layers, d, q, kv, ffn, vocab
+    per_layer, root = 2 * 4 * 4 + 2 * 4 * 2 + 3 * 4 * 8, 10 * 4  # 144, tied embeddings: 40
+    assert bench.n_params(shape, True) == root + 2 * per_layer
+    one = bench.memory_estimate(shape, True, tokens)
+    for gpus in (1, 4):  # by hand: 20 B/param sharded, 8 B/param for the root and two layers gathered
+        expected = one - 20 * (root + 2 * per_layer) + 20 * (root + 2 * per_layer) / gpus + 8 * (root + 2 * per_layer)
+        assert bench.fsdp_memory_estimate(shape, True, tokens, gpus) == pytest.approx(expected)
+    big = bench.FIT_MODELS["Llama-3.1-8B"]
+    per_gpu = [bench.fsdp_memory_estimate(*big, 8192, n) / 2 ** 30 for n in (1, 4, 8)]
+    assert per_gpu[0] > 80 > per_gpu[1] > per_gpu[2]  # 8B: not on one 80 GB GPU, on 4 or 8 with FSDP
+
+
 def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_reports_it(tmp_path):
     grid = [sys.executable, os.path.join(HERE, "experiments", "run.py"), "--methods", "dpo", "--noise", "0.2",
             "--seeds", "0", "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"),

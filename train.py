@@ -3,6 +3,7 @@
     python train.py                                  # SmolLM2-135M on the bundled data, 2 CPU cores, ~14 min
     python train.py --model tiny --max_steps 5       # smoke test in seconds
     python train.py --help                           # every flag
+    torchrun --standalone --nproc_per_node 2 train.py   # the same run on 2 processes (FSDP2, README "Several GPUs")
 
 The loop follows SPEC §6: per optimizer step, each micro-batch gets one policy forward and one
 reference forward, a discriminator backward on detached latents, and a policy backward through
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
+import transformers
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
@@ -182,6 +184,7 @@ def main():
     rank, world, device = ganpo.start_distributed()  # one process: (0, 1, "cuda" or "cpu")
     if rank > 0:  # torchrun: rank 0 alone prints, logs and saves
         sys.stdout = open(os.devnull, "w")
+        transformers.utils.logging.disable_progress_bar()
     ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
     if cfg.resume:
         if not os.path.isfile(ckpt_path):
