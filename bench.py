@@ -47,6 +47,10 @@ class BenchConfig:
     disc_heads: int = field(default=8, metadata={"help": "discriminator attention heads"})
     disc_attention_dropout: float = field(default=-1.0, metadata={"help": "what-if: discriminator attention dropout (-1 = as trained, 0.1)"})
     logits_chunk: int = field(default=1024, metadata={"help": "completion tokens per LM-head chunk (0 = all at once)"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning), as train.py; needs peft"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha, as train.py"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout, as train.py (it stores a copy of each adapter's input)"})
+    lora_targets: str = field(default="all-linear", metadata={"help": "LoRA target modules, as train.py"})
     vocab_size: int = field(default=0, metadata={"help": "--model tiny only: vocabulary size (0 = the tokenizer's)"})
     memory: bool = field(default=True, metadata={"help": "measure peak memory in child processes (--no_memory skips)"})
     peak_tflops: float = field(default=0.0, metadata={"help": "GPU peak bf16 TFLOP/s for MFU (0 = look up by GPU name)"})
@@ -146,7 +150,10 @@ def setup(cfg, arms):
     torch.manual_seed(cfg.seed)
     try:
         tokenizer = ganpo.load_tokenizer(cfg.model)
-        policy = ganpo.load_policy(cfg.model, tokenizer, cfg.seed, cfg.vocab_size or None).to(device)
+        policy = ganpo.load_policy(cfg.model, tokenizer, cfg.seed, cfg.vocab_size or None,
+                                   dtype=torch.bfloat16 if cfg.lora_r and use_bf16 else torch.float32).to(device)
+        if cfg.lora_r:  # as train.py: adapters on a frozen base, the reference = the base (no copy)
+            policy = ganpo.add_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     except ValueError as e:
         fail(str(e))
     ref = ganpo.make_reference(policy)
@@ -156,7 +163,7 @@ def setup(cfg, arms):
     examples = random_examples(policy.config.vocab_size, cfg.batch_size, cfg.max_length, cfg.seed)
     P = len(examples[0]["prompt"])
     batch = {k: v.to(device) for k, v in ganpo.collate(examples, tokenizer.pad_token_id).items()}
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)  # a real step; its size does not matter here
+    policy_opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)  # a real step
     discs, disc_opt = None, None
     if "ganpo" in arms:
         discs = ganpo.build_discriminators(policy.config.hidden_size, d_disc=cfg.disc_dim, n_layers=cfg.disc_layers,
@@ -178,6 +185,7 @@ def setup(cfg, arms):
             torch.cuda.synchronize()
 
     info = {"model": cfg.model, "params": sum(p.numel() for p in policy.parameters()),
+            "trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad),
             "disc_params": sum(p.numel() for p in discs.parameters()) if discs is not None else 0,
             "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
             "precision": "bf16 autocast" if use_bf16 else "fp32", "shape": shape_of(policy.config),
@@ -215,6 +223,21 @@ def memory_estimate(shape, tied, tokens, logits_chunk=1024, disc_dim=512, disc_l
     return state + acts + disc
 
 
+def lora_params(shape, r):
+    """LoRA on every linear layer of the decoder: r·(inputs + outputs) per layer, for q, k, v, o, gate, up, down."""
+    layers, d, q, kv, ffn, vocab = shape
+    return r * layers * (7 * d + 2 * q + 2 * kv + 3 * ffn)
+
+
+def lora_memory_estimate(shape, tied, tokens, r, logits_chunk=1024, disc_dim=512, disc_layers=2):
+    """Bytes for one GANPO micro-batch with LoRA (train.py --lora_r r on a bf16 GPU): the base in bf16 (2
+    bytes per parameter), no reference copy (the reference is the base with the adapters off), the
+    adapters in float32 with gradients and AdamW moments (16 bytes per adapter parameter), and the
+    same activations and discriminators as memory_estimate."""
+    unsharded = memory_estimate(shape, tied, tokens, logits_chunk, disc_dim, disc_layers) - 20 * n_params(shape, tied)
+    return 2 * n_params(shape, tied) + 16 * lora_params(shape, r) + unsharded
+
+
 def fsdp_memory_estimate(shape, tied, tokens, gpus, logits_chunk=1024, disc_dim=512, disc_layers=2):
     """Bytes per GPU with FSDP2 over `gpus` GPUs (torchrun train.py), bf16 compute + checkpointing, one
     micro-batch of `tokens` tokens on each GPU.
@@ -231,7 +254,7 @@ def fsdp_memory_estimate(shape, tied, tokens, gpus, logits_chunk=1024, disc_dim=
     return 20 * n_params(shape, tied) / gpus + 8 * (root + 2 * per_layer) + unsharded
 
 
-def print_gpu_fit(pairs, T, gpus=()):
+def print_gpu_fit(pairs, T, gpus=(), lora_r=16):
     tokens = 2 * pairs * T
     print(f"Estimated memory of GANPO training, bf16 autocast + gradient checkpointing, one micro-batch of "
           f"{pairs} pairs x {T} tokens ({tokens} tokens); see memory_estimate() for the formula")
@@ -242,6 +265,13 @@ def print_gpu_fit(pairs, T, gpus=()):
         print(f"{name:14s} {n_params(shape, tied) / 1e9:6.2f}B {20 * n_params(shape, tied) / 2 ** 30:9.1f} "
               f"{total:9.1f}  {fits}")
     print("(1.5 GiB is kept free for the CUDA context and allocator slack)")
+    print(f"\nWith LoRA (--lora_r {lora_r}, every decoder linear layer): base weights in bf16, no reference copy; "
+          f"see lora_memory_estimate()")
+    print(f"{'model':14s} {'params':>7s} {'adapters':>8s} {'total GiB':>9s}  " + "  ".join(f"{g:>6s}" for g in GPUS_GIB))
+    for name, (shape, tied) in FIT_MODELS.items():
+        total = lora_memory_estimate(shape, tied, tokens, lora_r) / 2 ** 30
+        fits = "  ".join(f"{'fits' if total + 1.5 <= cap else '-':>6s}" for cap in GPUS_GIB.values())
+        print(f"{name:14s} {n_params(shape, tied) / 1e9:6.2f}B {lora_params(shape, lora_r) / 1e6:7.1f}M {total:9.1f}  {fits}")
     if gpus:
         print(f"\nWith FSDP (torchrun train.py), GiB per GPU, each GPU a micro-batch of {pairs} pairs x {T} tokens; "
               f"see fsdp_memory_estimate()")
@@ -271,7 +301,7 @@ def main():
     if any(n < 1 for n in gpus):
         fail(f"--gpus {cfg.gpus}: every number must be >= 1")
     if cfg.gpu_fit:
-        return print_gpu_fit(cfg.batch_size, cfg.max_length, gpus)
+        return print_gpu_fit(cfg.batch_size, cfg.max_length, gpus, cfg.lora_r or 16)
     if cfg.matmul:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         # bf16 only at 512: where there are no bf16 matrix units one 2048 x 2048 bf16 matmul takes minutes
@@ -325,7 +355,8 @@ def main():
                           cfg.disc_tokens, cfg.gradient_checkpointing)
         result["predicted_ratio"][name] = 1 + g / d
 
-    print(f"{cfg.model} ({info['params'] / 1e6:.1f}M params; discriminators {info['disc_params'] / 1e6:.1f}M) | "
+    lora = f", LoRA r={cfg.lora_r}: {info['trainable_params'] / 1e6:.2f}M trained" if cfg.lora_r else ""
+    print(f"{cfg.model} ({info['params'] / 1e6:.1f}M params{lora}; discriminators {info['disc_params'] / 1e6:.1f}M) | "
           f"{cfg.batch_size} pairs x {cfg.max_length} tokens | {info['precision']} | {info['device']} | "
           f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'} | median of {cfg.steps} steps")
     for a in arms:
@@ -335,7 +366,7 @@ def main():
               f"{flops[a] / 1e9:8.1f} GFLOP/step{mem}{mfu}")
     mem = f" | peak memory {result['memory_ratio']:.3f}" if peak else ""
     print(f"GANPO/DPO: time {result['time_ratio']:.3f}{mem} | FLOPs {result['flop_ratio_counted']:.3f} counted, "
-          f"{result['flop_ratio_formula']:.3f} by step_flops()")
+          f"{result['flop_ratio_formula']:.3f} by step_flops()" + (" (a full fine-tuning formula)" if cfg.lora_r else ""))
     eff = {k: "n/a" if v is None else f"{v:.0%}" for k, v in result["efficiency"].items()}
     print(f"arithmetic rate vs a plain matmul here ({rate / 1e9:.1f} GFLOP/s): DPO {eff['dpo']}, "
           f"GANPO {eff['ganpo']}, what GANPO adds {eff['extra']}")

@@ -105,10 +105,11 @@ def load_tokenizer(name):
     return tokenizer
 
 
-def load_policy(name, tokenizer, seed=0, vocab_size=None):
+def load_policy(name, tokenizer, seed=0, vocab_size=None, dtype=torch.float32):
     """`smollm2` (default, offline), `tiny` (random 2-layer Llama for smoke tests) or any HF causal LM.
 
     Parameters stay float32; bf16 enters through autocast, so policy and reference compute alike.
+    (dtype=bfloat16 only for a LoRA base, which no optimizer touches.)
     vocab_size (tiny only) replaces the tokenizer's: bench.py uses it to try a large vocabulary."""
     if name == "tiny":
         torch.manual_seed(seed)
@@ -117,11 +118,11 @@ def load_policy(name, tokenizer, seed=0, vocab_size=None):
                              max_position_embeddings=2048, tie_word_embeddings=True,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                              bos_token_id=tokenizer.bos_token_id)
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config).to(dtype)
     else:
         folder = smollm2_folder() if name == "smollm2" else name
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         except (OSError, ValueError) as e:
             raise ValueError(f"--model {name}: cannot load a causal LM from it ({type(e).__name__})") from None
     disable_dropout(model)
@@ -137,10 +138,60 @@ def disable_dropout(model):
 
 
 def make_reference(policy):
-    """π_ref: a frozen copy of the initial policy, in eval mode, never in any optimizer."""
+    """π_ref: a frozen copy of the initial policy, in eval mode, never in any optimizer.
+    With LoRA no copy is made: the reference is the policy with its adapters switched off."""
+    if is_lora(policy):
+        return AdaptersOff(policy)
     ref = copy.deepcopy(policy).eval()
     ref.requires_grad_(False)
     return ref
+
+
+# LoRA (SPEC §10): a 7-8B policy on one GPU trains low-rank adapters on a frozen base, and the base
+# itself, with the adapters switched off, is the reference. No second copy of the model exists.
+
+def add_lora(model, r, alpha, dropout, targets="all-linear"):
+    """-> `model` with LoRA adapters (peft) on `targets` (all-linear = every linear layer of the
+    decoder, not the LM head); only the adapters require grad. At step 0 the adapters add exactly 0
+    (peft starts B at zero), so the rewards are 0."""
+    try:
+        import peft
+    except ImportError:
+        raise ValueError("--lora_r needs peft, which is not installed: pip install peft") from None
+    targets = targets if targets == "all-linear" else [t for t in targets.split(",") if t]
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                             task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)
+
+
+def is_lora(model):
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+class AdaptersOff(nn.Module):
+    """π_ref under LoRA: the policy's own network with its adapters switched off, in eval mode (no
+    LoRA dropout), without gradients. Its log-probs and its latents (the discriminators' "real"
+    samples) both come from this forward. It holds the policy without registering it, so the
+    reference owns no parameters of its own."""
+
+    def __init__(self, policy):
+        super().__init__()
+        object.__setattr__(self, "policy", policy)
+
+    def forward(self, batch, chunk_tokens=1024):
+        training = self.policy.training
+        self.policy.eval()
+        try:
+            with self.policy.disable_adapter(), torch.no_grad():
+                return forward_logps_and_hidden(self.policy, batch, chunk_tokens)
+        finally:
+            self.policy.train(training)
+
+
+def load_adapter(base, folder):
+    """A LoRA run's saved adapter on its base model, merged into a plain transformers model (eval.py)."""
+    import peft
+    return peft.PeftModel.from_pretrained(base, folder).merge_and_unload()
 
 
 def enable_checkpointing(model):
@@ -360,7 +411,7 @@ def forward_logps_and_hidden(model, batch, chunk_tokens=1024):
     of the LM head runs under activation checkpointing, so its float32 (chunk, V) logits are freed
     after the forward and recomputed in the backward: a large vocabulary never sits in memory in
     float32 for the whole batch."""
-    if isinstance(model, LogpsAndHidden):  # torchrun: go through the wrapper's forward (end of file)
+    if isinstance(model, (LogpsAndHidden, AdaptersOff)):  # torchrun or LoRA's reference: through its forward
         return model(batch, chunk_tokens)
     out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long())
     hidden = out.last_hidden_state  # (2B, T, d): after the final norm
@@ -859,7 +910,10 @@ def full_state_dicts(model, optimizer):
     """-> (model, optimizer) state dicts with whole tensors, for checkpoint.pt. One process: the usual
     state_dict()s. FSDP2: every rank must call this; the shards are gathered onto rank 0's CPU (the
     other ranks get empty dicts), and the model's keys are the plain model's, so save_pretrained
-    writes the same files as on one process."""
+    writes the same files as on one process. LoRA: the adapters' weights only."""
+    if is_lora(model):  # the base never changes: the adapters are the whole trained state
+        import peft
+        return peft.get_peft_model_state_dict(model), optimizer.state_dict()
     if not isinstance(model, LogpsAndHidden):
         return model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -876,6 +930,11 @@ def full_state_dicts(model, optimizer):
 
 def load_full_state_dicts(model, optimizer, model_state, optimizer_state):
     """The inverse of full_state_dicts: every rank takes its shards of the whole tensors."""
+    if is_lora(model):
+        import peft
+        peft.set_peft_model_state_dict(model, model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
     if not isinstance(model, LogpsAndHidden):
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)

@@ -464,7 +464,7 @@ def test_train_script_runs_tiny_model_and_writes_a_loadable_policy_and_metrics(t
     assert state["step"] == 6 and set(state["ema"]) == set(ganpo.EMA_KEYS) and state["discs"] is not None
 
 
-NEW_FLAGS = {"authors": [], "frozen": ["--disc_lr", "0"],
+NEW_FLAGS = {"authors": [], "frozen": ["--disc_lr", "0"], "lora": ["--lora_r", "4", "--lora_alpha", "8"],
              "fast-ragan-k2-response": ["--disc_lr", "3e-3", "--disc_steps", "2", "--disc_loss", "ragan",
                                         "--disc_tokens", "response"]}
 
@@ -497,8 +497,9 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, data_file, trained_r
         whole = tmp_path / "whole"
         assert run_train([*flags, "--output_dir", str(whole)]).returncode == 0
     interrupted_then_resumed(tmp_path / "stopped", flags)
-    a = load_file(whole / "model.safetensors")
-    b = load_file(tmp_path / "stopped" / "model.safetensors")
+    weights = "adapter_model.safetensors" if variant == "lora" else "model.safetensors"
+    a = load_file(whole / weights)
+    b = load_file(tmp_path / "stopped" / weights)
     assert all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (whole, tmp_path / "stopped"))
     assert all(torch.equal(sa["discs"][k], sb["discs"][k]) for k in sa["discs"])
@@ -513,6 +514,115 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, data_file, trained_r
         assert {r["disc/chosen/weight_change"] for r in lines[1] if "split" not in r} == {0.0}
     else:
         assert lines[1][-2]["disc/chosen/weight_change"] > 0
+
+
+# ------------------------------------------------------------------- LoRA: the reference is the base
+
+def lora_policy(tokenizer, r=4, dropout=0.1):
+    return ganpo.add_lora(tiny_policy(tokenizer), r=r, alpha=8, dropout=dropout)
+
+
+def base_weights(policy):
+    return {k: v.detach().clone() for k, v in policy.named_parameters() if "lora_" not in k}
+
+
+def lora_steps(policy, ref, tokenizer, n, adv_weight=0.0, lr=1e-2):
+    discs = ganpo.build_discriminators(64, d_disc=32, n_heads=2) if adv_weight else None
+    popt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr)
+    dopt = torch.optim.AdamW(discs.parameters(), lr=lr) if discs is not None else None
+    cfg, ema = ganpo.LossConfig(adv_weight=adv_weight), {}
+    return [ganpo.ganpo_step(policy, ref, discs, popt, dopt, [batch_of(tokenizer, make_rows(4, seed=i))], cfg, ema,
+                             nullcontext) for i in range(n)]
+
+
+def test_lora_step_0_has_zero_rewards_and_ln2_loss_and_the_reference_is_no_copy(tokenizer):
+    policy = lora_policy(tokenizer)
+    ref = ganpo.make_reference(policy)
+    assert isinstance(ref, ganpo.AdaptersOff) and list(ref.parameters()) == []  # no second model
+    policy.train()  # LoRA dropout on in the policy's forward: the adapters still add exactly 0 at step 0
+    m = lora_steps(policy, ref, tokenizer, 1)[0]
+    assert m["opo/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert m["rewards/chosen"] == 0 and m["rewards/rejected"] == 0
+
+
+def test_lora_trains_only_the_adapters_and_the_reference_never_moves(tokenizer):
+    policy = lora_policy(tokenizer)
+    ref = ganpo.make_reference(policy)
+    trainable = {k for k, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in k for k in trainable)
+    batch = batch_of(tokenizer, make_rows(6, seed=50))
+    before = ganpo.forward_logps_and_hidden(ref, batch)
+    base, adapters = base_weights(policy), {k: p.detach().clone() for k, p in policy.named_parameters() if p.requires_grad}
+    policy.train()
+    lora_steps(policy, ref, tokenizer, 3, adv_weight=1.0)  # GANPO: the discriminators' "real" latents come from ref
+    assert all(torch.equal(v, base[k]) for k, v in base_weights(policy).items())  # base bit-identical
+    assert any(not torch.equal(p, adapters[k]) for k, p in policy.named_parameters() if p.requires_grad)
+    after = ganpo.forward_logps_and_hidden(ref, batch)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # reference log-probs and latents unchanged
+    assert policy.training  # the reference forward put the policy back in train mode
+    fresh = tiny_policy(tokenizer)  # the adapters switched off = the base model, freshly loaded
+    with torch.no_grad():
+        expected = ganpo.forward_logps_and_hidden(fresh, batch)
+    assert torch.equal(after[0], expected[0]) and torch.equal(after[2], expected[2])
+    policy_logps = ganpo.forward_logps_and_hidden(policy.eval(), batch)[0]
+    assert (policy_logps - after[0]).abs().max() > 1e-3  # while the policy itself has moved
+
+
+def test_lora_gradients_are_the_same_with_gradient_checkpointing(tokenizer):
+    weights = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        policy = lora_policy(tokenizer, dropout=0.0)
+        if checkpointing:
+            ganpo.enable_checkpointing(policy)
+        policy.train()
+        lora_steps(policy, ganpo.make_reference(policy), tokenizer, 2, adv_weight=1.0)
+        weights.append({k: p.detach().clone() for k, p in policy.named_parameters() if p.requires_grad})
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
+
+
+LORA_FLAGS = [*RUN_FLAGS, "--lora_r", "4", "--lora_alpha", "8", "--lr", "1e-2"]
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory, data_file):
+    out = tmp_path_factory.mktemp("runs") / "lora"
+    r = run_train([*LORA_FLAGS, "--data", data_file, "--merge_lora", "--output_dir", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out, r.stdout
+
+
+def test_lora_run_saves_an_adapter_and_a_merged_model_with_the_same_logps(lora_run, tokenizer, tmp_path):
+    import peft
+    from transformers import AutoModelForCausalLM
+    out = lora_run[0]
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["policy"] and all("lora_" in k for k in state["policy"])  # adapters only, not the base
+    adapter = peft.PeftModel.from_pretrained(tiny_policy(tokenizer), out).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    batch = batch_of(tokenizer, make_rows(40)[36:])  # the held-out pairs
+    with torch.no_grad():
+        a = ganpo.forward_logps_and_hidden(adapter, batch)[0]
+        b = ganpo.forward_logps_and_hidden(merged, batch)[0]
+        base = ganpo.forward_logps_and_hidden(tiny_policy(tokenizer), batch)[0]
+    assert torch.allclose(a, b, atol=1e-4) and (a - base).abs().max() > 1e-3
+    import eval as ev  # eval.py rebuilds the reference as the base and agrees with train.py's last evaluation
+    final = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    held_out = str(tmp_path / "held.jsonl")
+    with open(held_out, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in make_rows(40)[36:])
+    cfg = ev.EvalConfig(runs=[str(out)], data=held_out, split="x", gen_prompts=0, temperatures="", batch_size=4)
+    res = ev.evaluate_run(str(out), cfg, None)["splits"]["x"]
+    for key in ("rewards/margins", "rewards/chosen", "opo/loss", "disc/auc_real_fake"):
+        assert res[key] == pytest.approx(final[f"eval/{key}"], rel=1e-4, abs=1e-5), key
+
+
+def test_lora_without_peft_gets_one_line_saying_what_to_install(tmp_path, monkeypatch, capsys, data_file):
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now raises ImportError
+    code, err = run_main(monkeypatch, capsys, [*TINY_FLAGS, "--data", data_file, "--lora_r", "4",
+                                               "--output_dir", str(tmp_path / "run")])
+    assert code == 2 and err == "error: --lora_r needs peft, which is not installed: pip install peft"
 
 
 # ------------------------------------------------------------- several processes (torchrun, gloo, CPU)
@@ -933,6 +1043,16 @@ def test_fsdp_memory_estimate_shards_the_state_and_keeps_gathered_layers_whole()
     big = bench.FIT_MODELS["Llama-3.1-8B"]
     per_gpu = [bench.fsdp_memory_estimate(*big, 8192, n) / 2 ** 30 for n in (1, 4, 8)]
     assert per_gpu[0] > 80 > per_gpu[1] > per_gpu[2]  # 8B: not on one 80 GB GPU, on 4 or 8 with FSDP
+
+
+def test_lora_memory_estimate_counts_the_adapters_peft_builds_and_drops_the_reference(tokenizer):
+    import bench
+    policy = lora_policy(tokenizer, r=4)
+    shape = bench.shape_of(policy.config)
+    assert bench.lora_params(shape, 4) == sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    tokens, P, A = 3, bench.n_params(shape, True), bench.lora_params(shape, 4)
+    full = bench.memory_estimate(shape, True, tokens)  # 20 B/param: weights, grads, AdamW, the reference copy
+    assert bench.lora_memory_estimate(shape, True, tokens, 4) == full - 20 * P + 2 * P + 16 * A
 
 
 def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_reports_it(tmp_path):

@@ -57,6 +57,12 @@ class Config:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping for policy and discriminators (0 = off)"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a bf16 GPU, else fp32) | bf16 | fp32"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder activations in backward"})
+    # LoRA (SPEC §10): adapters on a frozen base; the reference is the base with the adapters off
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = off: full fine-tuning); needs `pip install peft`"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator (the update is alpha/r · B·A)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA branch (off in the reference forward)"})
+    lora_targets: str = field(default="all-linear", metadata={"help": "modules that get adapters: all-linear (every decoder linear layer) or a comma list, e.g. q_proj,v_proj"})
+    merge_lora: bool = field(default=False, metadata={"help": "also save the base with the adapters merged in, to --output_dir/merged"})
     seed: int = field(default=0, metadata={"help": "seeds data order, label noise, discriminators, tiny model"})
     label_noise: float = field(default=0.0, metadata={"help": "fraction of training pairs with chosen/rejected swapped"})
     # objective (SPEC §3, §5)
@@ -108,6 +114,12 @@ def check_config(cfg, world=1):
         fail(f"--disc_dropout {cfg.disc_dropout}: expected a fraction in [0, 1)")
     if not 0 <= cfg.label_noise <= 1:
         fail(f"--label_noise {cfg.label_noise}: expected a fraction in [0, 1]")
+    if cfg.lora_r < 0 or not 0 <= cfg.lora_dropout < 1:
+        fail("--lora_r must be >= 0 (0 = off) and --lora_dropout in [0, 1)")
+    if cfg.lora_r and world > 1:
+        fail("--lora_r with torchrun is not supported (LoRA is for one GPU here; FSDP for several)")
+    if cfg.merge_lora and not cfg.lora_r:
+        fail("--merge_lora needs --lora_r > 0")
     if cfg.max_steps < 0 or cfg.max_length < 2 or cfg.max_prompt_length < 1:
         fail("--max_steps must be >= 0, --max_length >= 2, --max_prompt_length >= 1")
 
@@ -209,7 +221,11 @@ def main():
     torch.manual_seed(cfg.seed)
     try:
         tokenizer = ganpo.load_tokenizer(cfg.model)
-        policy = ganpo.load_policy(cfg.model, tokenizer, cfg.seed)
+        # a LoRA base never meets an optimizer: on a bf16 GPU it is kept in bf16 (half the memory)
+        policy = ganpo.load_policy(cfg.model, tokenizer, cfg.seed,
+                                   dtype=torch.bfloat16 if cfg.lora_r and use_bf16 else torch.float32)
+        if cfg.lora_r:
+            policy = ganpo.add_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     except ValueError as e:
         fail(str(e))
     train, held_out = load_data(cfg, tokenizer)
@@ -226,7 +242,7 @@ def main():
     held_out = {s: ganpo.batches_of(ex, micro, tokenizer.pad_token_id) for s, ex in held_out.items()}
     ref_caches = {}  # (final?, split) -> {batch index: reference log-probs and latents}
 
-    ref = ganpo.make_reference(policy)  # frozen copy of the initial policy, before any update
+    ref = ganpo.make_reference(policy)  # frozen copy of the initial policy (LoRA: the policy, adapters off)
     if cfg.gradient_checkpointing:
         ganpo.enable_checkpointing(policy)
     hidden_size = policy.config.hidden_size
@@ -235,7 +251,8 @@ def main():
     else:  # torchrun: FSDP2 shards both alike (and moves the shards to this rank's GPU)
         policy, ref = ganpo.shard(policy, use_bf16), ganpo.shard(ref, use_bf16)
     policy.train()
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapters alone
+    policy_opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Adam moves a weight by at most ~lr per update, so the discriminators' rate bounds how far they can
     # get from their random start: 2.5e-5 x 32 steps ~ 8e-4 at the reference code's ratio (SPEC §8)
     disc_peak_lr = cfg.disc_lr if cfg.disc_lr is not None else cfg.lr * cfg.disc_lr_ratio
@@ -379,6 +396,13 @@ def main():
             tqdm.write(f"{stop['signal'] or 'a signal'}: saved step {step + 1} to {cfg.output_dir}; continue with --resume")
             return
     save(cfg.max_steps)
+    if cfg.lora_r:
+        print(f"done: LoRA adapter saved to {cfg.output_dir} (peft.PeftModel.from_pretrained(base, folder) loads it)")
+        if cfg.merge_lora:  # last of all: merging rewrites the policy's layers in place
+            save_policy(policy.merge_and_unload(), tokenizer, os.path.join(cfg.output_dir, "merged"))
+            print(f"merged model saved to {os.path.join(cfg.output_dir, 'merged')} "
+                  "(transformers.AutoModelForCausalLM.from_pretrained loads it)")
+        return
     print(f"done: policy saved to {cfg.output_dir} (transformers.AutoModelForCausalLM.from_pretrained loads it)")
 
 
