@@ -526,21 +526,25 @@ def base_weights(policy):
     return {k: v.detach().clone() for k, v in policy.named_parameters() if "lora_" not in k}
 
 
-def lora_steps(policy, ref, tokenizer, n, adv_weight=0.0, lr=1e-2):
+def lora_steps(policy, ref, tokenizer, n, adv_weight=0.0, lr=1e-2, autocast=nullcontext):
     discs = ganpo.build_discriminators(64, d_disc=32, n_heads=2) if adv_weight else None
     popt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr)
     dopt = torch.optim.AdamW(discs.parameters(), lr=lr) if discs is not None else None
     cfg, ema = ganpo.LossConfig(adv_weight=adv_weight), {}
     return [ganpo.ganpo_step(policy, ref, discs, popt, dopt, [batch_of(tokenizer, make_rows(4, seed=i))], cfg, ema,
-                             nullcontext) for i in range(n)]
+                             autocast) for i in range(n)]
 
 
-def test_lora_step_0_has_zero_rewards_and_ln2_loss_and_the_reference_is_no_copy(tokenizer):
-    policy = lora_policy(tokenizer)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_lora_step_0_has_zero_rewards_and_ln2_loss_and_the_reference_is_no_copy(tokenizer, bf16):
+    if bf16:  # as train.py --lora_r --dtype bf16: a bf16 base under bf16 autocast, float32 adapters
+        policy = ganpo.add_lora(ganpo.load_policy("tiny", tokenizer, 0, dtype=torch.bfloat16), r=4, alpha=8, dropout=0.1)
+    else:
+        policy = lora_policy(tokenizer)
     ref = ganpo.make_reference(policy)
     assert isinstance(ref, ganpo.AdaptersOff) and list(ref.parameters()) == []  # no second model
     policy.train()  # LoRA dropout on in the policy's forward: the adapters still add exactly 0 at step 0
-    m = lora_steps(policy, ref, tokenizer, 1)[0]
+    m = lora_steps(policy, ref, tokenizer, 1, autocast=ganpo.precision("cpu", "bf16" if bf16 else "fp32")[1])[0]
     assert m["opo/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert m["rewards/chosen"] == 0 and m["rewards/rejected"] == 0
 
@@ -729,6 +733,20 @@ def test_two_process_run_stopped_by_sigterm_resumes_exactly_on_two_processes(tmp
     assert lines[0] == lines[1]  # every logged figure, each step logged once
     r = run_train(["--output_dir", str(out), "--resume"])  # on 1 process: one line saying how to resume it
     assert r.returncode == 2 and "saved on 2 process(es)" in r.stderr.strip().splitlines()[-1]
+
+
+def test_a_run_saved_on_two_processes_loads_into_one_process_for_eval(tmp_path, two_process_run):
+    import eval as ev
+    out = two_process_run[0]
+    final = train_records(out)[-1]
+    held_out = str(tmp_path / "held.jsonl")  # train.py held out the file's last 10% (4 of 40 rows)
+    with open(held_out, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in make_rows(40)[36:])
+    cfg = ev.EvalConfig(runs=[str(out)], data=held_out, split="x", gen_prompts=0, temperatures="", batch_size=4)
+    res = ev.evaluate_run(str(out), cfg, None)["splits"]["x"]
+    for key in ("rewards/margins", "rewards/chosen", "opo/loss", "disc/auc_real_fake", "disc/auc_fake_contrast"):
+        assert res[key] == pytest.approx(final[f"eval/{key}"], rel=1e-5, abs=1e-6), key
+    assert abs(res["rewards/margins"]) > 1e-4
 
 
 def test_batch_size_that_does_not_split_over_processes_gets_one_line_before_anything_loads(tmp_path, data_file):
