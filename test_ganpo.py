@@ -810,6 +810,15 @@ def test_bad_discriminator_flags_get_one_clear_line(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "o").exists()
 
 
+def test_a_file_too_small_to_hold_out_a_pair_trains_without_held_out_evaluations(tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(make_rows(1)[0]) + "\n")
+    r = run_train([*TINY_FLAGS, "--data", str(path), "--max_steps", "2", "--eval_every", "1",
+                   "--output_dir", str(tmp_path / "run")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
 def test_label_noise_swaps_a_seeded_fraction_of_training_pairs(untrained_run):
     assert "label noise: swapped 9 of 36 training pairs" in untrained_run[1]  # 40 rows, last 10% held out
 

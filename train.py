@@ -236,9 +236,9 @@ def main():
         print(f"label noise: swapped {len(flipped)} of {len(train)} training pairs")
     share = cfg.batch_size // world  # pairs of each step on this process
     micro = share // cfg.grad_accum
-    periodic_split = next(iter(held_out))  # periodic evaluations use its first --eval_pairs pairs
-    periodic = {periodic_split: ganpo.batches_of(held_out[periodic_split][:cfg.eval_pairs or None], micro,
-                                                 tokenizer.pad_token_id)}
+    # periodic evaluations: the first held-out split's first --eval_pairs pairs (none if nothing is held out)
+    periodic = {s: ganpo.batches_of(ex[:cfg.eval_pairs or None], micro, tokenizer.pad_token_id)
+                for s, ex in list(held_out.items())[:1]}
     held_out = {s: ganpo.batches_of(ex, micro, tokenizer.pad_token_id) for s, ex in held_out.items()}
     ref_caches = {}  # (final?, split) -> {batch index: reference log-probs and latents}
 
