@@ -416,10 +416,13 @@ def test_gradient_accumulation_over_two_half_batches_matches_one_full_batch(toke
 
 # -------------------------------------------------------------------------------- train.py
 
+TEST_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # 1 thread each
+
+
 def run_train(args, **kw):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True, text=True,
-                          env=env, cwd=HERE, timeout=300, **kw)
+                          env=TEST_ENV, cwd=HERE, timeout=300, **kw)
 
 
 RUN_FLAGS = [*TINY_FLAGS, "--max_steps", "6", "--eval_every", "3", "--save_every", "100", "--lr", "1e-3"]
@@ -469,23 +472,40 @@ NEW_FLAGS = {"authors": [], "frozen": ["--disc_lr", "0"], "lora": ["--lora_r", "
                                         "--disc_tokens", "response"]}
 
 
-def interrupted_then_resumed(out, flags):
-    """Run train.py, SIGINT it once it has logged step 1, resume it; -> the step it stopped at."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "train.py", *flags, "--output_dir", str(out)], cwd=HERE,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def interrupted_then_resumed(out, flags, torchrun=False):
+    """Run train.py, signal it once it has logged step 1, resume it the same way; -> the step it stopped at.
+    One process gets SIGINT (Ctrl-C). torchrun gets SIGTERM, which it passes on to every rank; the ranks
+    save and exit 0, and torchrun itself then exits 1."""
+    launcher = TORCHRUN if torchrun else [sys.executable]
+    proc = subprocess.Popen([*launcher, "train.py", *flags, "--output_dir", str(out)], cwd=HERE,
+                            env=TEST_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if "step 1 |" in line:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGTERM if torchrun else signal.SIGINT)
             break
     rest = proc.stdout.read()
-    assert proc.wait(timeout=120) == 0, rest
-    stopped = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
-    assert 2 <= stopped < 6, rest  # it stopped early, after finishing a step
-    r = run_train(["--output_dir", str(out), "--resume"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert f"resumed from step {stopped}" in r.stdout
-    return stopped
+    assert proc.wait(timeout=120) == 0 or torchrun, rest
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert 2 <= state["step"] < state["config"]["max_steps"], rest  # it stopped early, after finishing a step
+    r = (run_torchrun if torchrun else run_train)(["--output_dir", str(out), "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from step {state['step']}" in r.stdout
+    return state["step"]
+
+
+def assert_same_run(whole, stopped, weights="model.safetensors"):
+    """Two run folders hold bit-identical weights, discriminators, running means and logged figures
+    (each step logged once); -> the second's checkpoint and metrics without timings."""
+    a, b = load_file(whole / weights), load_file(stopped / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (whole, stopped))
+    assert sa["discs"].keys() == sb["discs"].keys() and all(torch.equal(sa["discs"][k], sb["discs"][k]) for k in sa["discs"])
+    assert sa["ema"] == sb["ema"]
+    timing = ("step_time", "tokens_per_s", "memory/peak_gib")
+    lines = [[{k: v for k, v in json.loads(x).items() if k not in timing} for x in (d / "metrics.jsonl").read_text().splitlines()]
+             for d in (whole, stopped)]
+    assert lines[0] == lines[1]
+    return sb, lines[1]
 
 
 @pytest.mark.parametrize("variant", list(NEW_FLAGS))
@@ -497,23 +517,14 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, data_file, trained_r
         whole = tmp_path / "whole"
         assert run_train([*flags, "--output_dir", str(whole)]).returncode == 0
     interrupted_then_resumed(tmp_path / "stopped", flags)
-    weights = "adapter_model.safetensors" if variant == "lora" else "model.safetensors"
-    a = load_file(whole / weights)
-    b = load_file(tmp_path / "stopped" / weights)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    sa, sb = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (whole, tmp_path / "stopped"))
-    assert all(torch.equal(sa["discs"][k], sb["discs"][k]) for k in sa["discs"])
-    assert sa["ema"] == sb["ema"]
-    timing = ("step_time", "tokens_per_s", "memory/peak_gib")
-    lines = [[{k: v for k, v in json.loads(x).items() if k not in timing} for x in (d / "metrics.jsonl").read_text().splitlines()]
-             for d in (whole, tmp_path / "stopped")]
-    assert lines[0] == lines[1]  # every logged figure, each step logged once
+    sb, lines = assert_same_run(whole, tmp_path / "stopped",
+                                "adapter_model.safetensors" if variant == "lora" else "model.safetensors")
     if variant == "frozen":
         assert sb["disc_opt"] is None and all(torch.equal(sb["discs"][f"{side}.{k}"], v)
                                               for side, init in sb["discs_init"].items() for k, v in init.items())
-        assert {r["disc/chosen/weight_change"] for r in lines[1] if "split" not in r} == {0.0}
+        assert {r["disc/chosen/weight_change"] for r in lines if "split" not in r} == {0.0}
     else:
-        assert lines[1][-2]["disc/chosen/weight_change"] > 0
+        assert lines[-2]["disc/chosen/weight_change"] > 0
 
 
 # ------------------------------------------------------------------- LoRA: the reference is the base
@@ -631,11 +642,9 @@ def test_lora_without_peft_gets_one_line_saying_what_to_install(tmp_path, monkey
 
 # ------------------------------------------------------------- several processes (torchrun, gloo, CPU)
 
-def run_torchrun(args, nproc=2, **kw):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                           os.path.join(HERE, "train.py"), *args], capture_output=True, text=True, env=env, cwd=HERE,
-                          timeout=300, **kw)
+def run_torchrun(args, **kw):
+    return subprocess.run([*TORCHRUN, os.path.join(HERE, "train.py"), *args], capture_output=True, text=True,
+                          env=TEST_ENV, cwd=HERE, timeout=300, **kw)
 
 
 DIST_FLAGS = [*TINY_FLAGS, "--max_steps", "4", "--eval_every", "2", "--eval_pairs", "3", "--save_every", "100",
@@ -709,28 +718,8 @@ def test_ganpo_on_two_processes_keeps_identical_replicas_and_matches_one_process
 
 def test_two_process_run_stopped_by_sigterm_resumes_exactly_on_two_processes(tmp_path, data_file, two_process_run):
     out = tmp_path / "stopped"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "train.py", *DIST_FLAGS, "--data", data_file, "--output_dir", str(out)], cwd=HERE, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if "step 1 |" in line:
-            proc.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to every rank
-            break
-    rest = proc.stdout.read()
-    proc.wait(timeout=120)
-    stopped = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
-    assert 2 <= stopped < 4, rest
-    r = run_torchrun(["--output_dir", str(out), "--resume"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed from step {stopped}" in r.stdout
-    whole = two_process_run[0]
-    assert max_abs_diff(load_file(whole / "model.safetensors"), load_file(out / "model.safetensors")) == 0
-    sa, sb = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (whole, out))
-    assert max_abs_diff(sa["discs"], sb["discs"]) == 0 and sa["ema"] == sb["ema"]
-    timing = ("step_time", "tokens_per_s", "memory/peak_gib")
-    lines = [[{k: v for k, v in x.items() if k not in timing} for x in train_records(d)] for d in (whole, out)]
-    assert lines[0] == lines[1]  # every logged figure, each step logged once
+    interrupted_then_resumed(out, [*DIST_FLAGS, "--data", data_file], torchrun=True)
+    assert_same_run(two_process_run[0], out)
     r = run_train(["--output_dir", str(out), "--resume"])  # on 1 process: one line saying how to resume it
     assert r.returncode == 2 and "saved on 2 process(es)" in r.stderr.strip().splitlines()[-1]
 
