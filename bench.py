@@ -216,11 +216,16 @@ def memory_estimate(shape, tied, tokens, logits_chunk=1024, disc_dim=512, disc_l
     bytes per token for the layer being recomputed, the two models' last hidden states and their
     gradients; one LM-head chunk holds its logits in bf16 and float32 and their gradient (10·V bytes
     per row). Discriminators: 16 bytes per parameter. Fused GPU attention is assumed (no T² terms)."""
+    return 20 * n_params(shape, tied) + working_memory(shape, tokens, logits_chunk, disc_dim, disc_layers)
+
+
+def working_memory(shape, tokens, logits_chunk=1024, disc_dim=512, disc_layers=2):
+    """Bytes of memory_estimate beyond the policy's and reference's state: activations, one LM-head
+    chunk and the discriminators (the same with LoRA and, per GPU, with FSDP)."""
     layers, d, q, kv, ffn, vocab = shape
-    state = 20 * n_params(shape, tied)
     acts = tokens * (4 * layers * d + 60 * d + 8 * ffn) + 10 * min(logits_chunk, tokens) * vocab
     disc = 2 * 16 * (d * disc_dim + disc_layers * 12 * disc_dim ** 2 + disc_dim ** 2)
-    return state + acts + disc
+    return acts + disc
 
 
 def lora_params(shape, r):
@@ -234,8 +239,8 @@ def lora_memory_estimate(shape, tied, tokens, r, logits_chunk=1024, disc_dim=512
     bytes per parameter), no reference copy (the reference is the base with the adapters off), the
     adapters in float32 with gradients and AdamW moments (16 bytes per adapter parameter), and the
     same activations and discriminators as memory_estimate."""
-    unsharded = memory_estimate(shape, tied, tokens, logits_chunk, disc_dim, disc_layers) - 20 * n_params(shape, tied)
-    return 2 * n_params(shape, tied) + 16 * lora_params(shape, r) + unsharded
+    return 2 * n_params(shape, tied) + 16 * lora_params(shape, r) + working_memory(shape, tokens, logits_chunk,
+                                                                                    disc_dim, disc_layers)
 
 
 def fsdp_memory_estimate(shape, tied, tokens, gpus, logits_chunk=1024, disc_dim=512, disc_layers=2):
@@ -250,8 +255,13 @@ def fsdp_memory_estimate(shape, tied, tokens, gpus, logits_chunk=1024, disc_dim=
     layers, d, q, kv, ffn, vocab = shape
     per_layer = 2 * d * q + 2 * d * kv + 3 * d * ffn
     root = vocab * d * (1 if tied else 2)
-    unsharded = memory_estimate(shape, tied, tokens, logits_chunk, disc_dim, disc_layers) - 20 * n_params(shape, tied)
-    return 20 * n_params(shape, tied) / gpus + 8 * (root + 2 * per_layer) + unsharded
+    return (20 * n_params(shape, tied) / gpus + 8 * (root + 2 * per_layer)
+            + working_memory(shape, tokens, logits_chunk, disc_dim, disc_layers))
+
+
+def fits(total_gib):
+    """'fits' or '-' under each GPU size of GPUS_GIB, keeping 1.5 GiB for the CUDA context and allocator slack."""
+    return "  ".join(f"{'fits' if total_gib + 1.5 <= cap else '-':>6s}" for cap in GPUS_GIB.values())
 
 
 def print_gpu_fit(pairs, T, gpus=(), lora_r=16):
@@ -261,17 +271,16 @@ def print_gpu_fit(pairs, T, gpus=(), lora_r=16):
     print(f"{'model':14s} {'params':>7s} {'state GiB':>9s} {'total GiB':>9s}  " + "  ".join(f"{g:>6s}" for g in GPUS_GIB))
     for name, (shape, tied) in FIT_MODELS.items():
         total = memory_estimate(shape, tied, tokens) / 2 ** 30
-        fits = "  ".join(f"{'fits' if total + 1.5 <= cap else '-':>6s}" for cap in GPUS_GIB.values())
         print(f"{name:14s} {n_params(shape, tied) / 1e9:6.2f}B {20 * n_params(shape, tied) / 2 ** 30:9.1f} "
-              f"{total:9.1f}  {fits}")
+              f"{total:9.1f}  {fits(total)}")
     print("(1.5 GiB is kept free for the CUDA context and allocator slack)")
     print(f"\nWith LoRA (--lora_r {lora_r}, every decoder linear layer): base weights in bf16, no reference copy; "
           f"see lora_memory_estimate()")
     print(f"{'model':14s} {'params':>7s} {'adapters':>8s} {'total GiB':>9s}  " + "  ".join(f"{g:>6s}" for g in GPUS_GIB))
     for name, (shape, tied) in FIT_MODELS.items():
         total = lora_memory_estimate(shape, tied, tokens, lora_r) / 2 ** 30
-        fits = "  ".join(f"{'fits' if total + 1.5 <= cap else '-':>6s}" for cap in GPUS_GIB.values())
-        print(f"{name:14s} {n_params(shape, tied) / 1e9:6.2f}B {lora_params(shape, lora_r) / 1e6:7.1f}M {total:9.1f}  {fits}")
+        print(f"{name:14s} {n_params(shape, tied) / 1e9:6.2f}B {lora_params(shape, lora_r) / 1e6:7.1f}M {total:9.1f}  "
+              f"{fits(total)}")
     if gpus:
         print(f"\nWith FSDP (torchrun train.py), GiB per GPU, each GPU a micro-batch of {pairs} pairs x {T} tokens; "
               f"see fsdp_memory_estimate()")
@@ -279,8 +288,8 @@ def print_gpu_fit(pairs, T, gpus=(), lora_r=16):
               + "   fits on 80 GB GPUs")
         for name, (shape, tied) in FIT_MODELS.items():
             per_gpu = [fsdp_memory_estimate(shape, tied, tokens, n) / 2 ** 30 for n in gpus]
-            fits = ", ".join(f"{n}" for n, g in zip(gpus, per_gpu) if g + 1.5 <= GPUS_GIB["80 GB"]) or "-"
-            print(f"{name:14s} {n_params(shape, tied) / 1e9:6.2f}B  " + "  ".join(f"{g:8.1f}" for g in per_gpu) + f"   {fits}")
+            on_80 = ", ".join(f"{n}" for n, g in zip(gpus, per_gpu) if g + 1.5 <= GPUS_GIB["80 GB"]) or "-"
+            print(f"{name:14s} {n_params(shape, tied) / 1e9:6.2f}B  " + "  ".join(f"{g:8.1f}" for g in per_gpu) + f"   {on_80}")
 
 
 def main():
