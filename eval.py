@@ -261,9 +261,9 @@ def load_discriminators(run, train_cfg, d_model):
     if not os.path.isfile(path) or train_cfg["adv_weight"] == 0:
         return None
     try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except (OSError, RuntimeError, EOFError) as e:
-        fail(f"{path}: cannot read the checkpoint ({type(e).__name__})")
+        state = ganpo.load_checkpoint(path)
+    except ValueError as e:
+        fail(str(e))
     if state.get("discs") is None:
         return None
     discs = ganpo.build_discriminators(d_model, d_disc=train_cfg["disc_dim"], n_layers=train_cfg["disc_layers"],

@@ -32,6 +32,8 @@ import importlib.util
 import json
 import math
 import os
+import pickle
+import re
 import sys
 from dataclasses import dataclass
 
@@ -239,6 +241,19 @@ def peak_memory_bytes(device):
         return rss if sys.platform == "darwin" else rss * 1024
 
 
+
+def load_checkpoint(path):
+    """A run's checkpoint.pt, read with weights_only=True: tensors, numbers, strings and containers
+    only, so that loading a checkpoint someone sent cannot run code. mmap: tensors are read when used."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        raise ValueError(f"{path}: refused by torch.load(weights_only=True): it holds "
+                         f"{found.group(1) if found else 'an object'}, which a checkpoint of train.py never does") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read it as a torch checkpoint ({type(e).__name__})") from None
+
 # ----------------------------------------------------------------------------------------------
 # data: read rows, tokenise them as TRL does, collate [chosen; rejected] (plumbing)
 
@@ -270,6 +285,8 @@ def read_rows(data, split):
                                 raise ValueError(f"{data}:{lineno}: invalid JSON: {e.msg}") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"--data {data}: cannot read it ({e})") from None
+        if not rows:
+            raise ValueError(f"--data {data}: no rows in this file (it is empty, blank, or an empty list)")
         where = [f"{data}:{i}" for i in range(1, len(rows) + 1)]
     else:
         import datasets
@@ -278,6 +295,8 @@ def read_rows(data, split):
         except Exception as e:  # datasets raises many types; the user needs one line
             raise ValueError(f"--data {data} --split {split}: cannot load this dataset ({type(e).__name__})") from None
         rows = list(ds)
+        if not rows:
+            raise ValueError(f"--data {data} --split {split}: the split holds no rows")
         where = [f"{data}[{split}] row {i}" for i in range(len(rows))]
     for row, w in zip(rows, where):
         check_row(row, w)

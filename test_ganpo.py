@@ -463,7 +463,7 @@ def test_train_script_runs_tiny_model_and_writes_a_loadable_policy_and_metrics(t
     evals = [r for r in records if r.get("split") == "held-out"]
     assert [r["step"] for r in evals] == [3, 6]
     assert evals[-1]["eval/rewards/margins"] > 0  # it learned something about the held-out pairs
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 6 and set(state["ema"]) == set(ganpo.EMA_KEYS) and state["discs"] is not None
 
 
@@ -485,7 +485,7 @@ def interrupted_then_resumed(out, flags, torchrun=False):
             break
     rest = proc.stdout.read()
     assert proc.wait(timeout=120) == 0 or torchrun, rest
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert 2 <= state["step"] < state["config"]["max_steps"], rest  # it stopped early, after finishing a step
     r = (run_torchrun if torchrun else run_train)(["--output_dir", str(out), "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -498,7 +498,7 @@ def assert_same_run(whole, stopped, weights="model.safetensors"):
     (each step logged once); -> the second's checkpoint and metrics without timings."""
     a, b = load_file(whole / weights), load_file(stopped / weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa, sb = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (whole, stopped))
+    sa, sb = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (whole, stopped))
     assert sa["discs"].keys() == sb["discs"].keys() and all(torch.equal(sa["discs"][k], sb["discs"][k]) for k in sa["discs"])
     assert sa["ema"] == sb["ema"]
     timing = ("step_time", "tokens_per_s", "memory/peak_gib")
@@ -612,7 +612,7 @@ def test_lora_run_saves_an_adapter_and_a_merged_model_with_the_same_logps(lora_r
     from transformers import AutoModelForCausalLM
     out = lora_run[0]
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["policy"] and all("lora_" in k for k in state["policy"])  # adapters only, not the base
     adapter = peft.PeftModel.from_pretrained(tiny_policy(tokenizer), out).eval()
     merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
@@ -691,7 +691,7 @@ def test_ganpo_on_two_processes_keeps_identical_replicas_and_matches_one_process
         tmp_path, data_file, two_process_run):
     # the replicas: every rank holds the same discriminators and running means (dropout on: each
     # rank draws its own masks, the averaged gradients still keep the copies identical)
-    state = torch.load(two_process_run[0] / "checkpoint.pt", weights_only=False)
+    state = torch.load(two_process_run[0] / "checkpoint.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["replicas"]) == 2
     assert state["replicas"][0] == state["replicas"][1]
     discs = ganpo.build_discriminators(64, d_disc=32, n_heads=2)
@@ -705,7 +705,7 @@ def test_ganpo_on_two_processes_keeps_identical_replicas_and_matches_one_process
     assert run_train([*flags, "--output_dir", str(one)]).returncode == 0
     assert run_torchrun([*flags, "--output_dir", str(two)]).returncode == 0
     assert max_abs_diff(load_file(one / "model.safetensors"), load_file(two / "model.safetensors")) < 1e-4
-    sa, sb = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (one, two))
+    sa, sb = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (one, two))
     # The output bias is left out: the two terms of each relativistic pair pull it in opposite directions
     # and nearly cancel, so its gradient is mostly rounding, which Adam scales up to ~lr per step.
     assert max_abs_diff(sa["discs"], sb["discs"], skip=("chosen.head.2.bias", "rejected.head.2.bias")) < 1e-4
@@ -763,6 +763,8 @@ def run_main(monkeypatch, capsys, args):
     ('{"prompt": "a", "chosen": 3, "rejected": "c"}\n', "bad.jsonl:1: field chosen must be a string"),
     ('{"prompt": "' + "long " * 300 + '", "chosen": "b", "rejected": "c"}\n', "no pairs left after filtering"),
     (b"\xff\xfe\x00binary", "cannot read it"),
+    ("", "bad.jsonl: no rows in this file"),
+    ("\n   \n\n", "bad.jsonl: no rows in this file"),
 ])
 def test_bad_data_gets_one_clear_line_naming_the_file_and_row(tmp_path, monkeypatch, capsys, content, message):
     path = tmp_path / "bad.jsonl"
@@ -788,6 +790,24 @@ def test_unknown_model_and_existing_run_get_one_clear_line_and_nothing_is_overwr
     code, err = run_main(monkeypatch, capsys, [*TINY_FLAGS, "--data", data_file, "--output_dir", str(out)])
     assert code == 2 and "--resume" in err
     assert (out / "checkpoint.pt").read_bytes() == b"precious"
+
+
+def test_a_checkpoint_holding_more_than_tensors_is_refused_with_one_line_and_left_as_it_is(tmp_path, monkeypatch,
+                                                                                          capsys, data_file):
+    """checkpoint.pt loads with weights_only=True: a pickled object could run code on load."""
+    import datetime
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"step": 1, "config": {}, "sent_by": datetime.datetime(2026, 1, 1)}, out / "checkpoint.pt")
+    before = (out / "checkpoint.pt").read_bytes()
+    code, err = run_main(monkeypatch, capsys, [*TINY_FLAGS, "--data", data_file, "--output_dir", str(out), "--resume"])
+    assert code == 2 and "\n" not in err
+    assert err == (f"error: {out / 'checkpoint.pt'}: refused by torch.load(weights_only=True): it holds "
+                   "datetime.datetime, which a checkpoint of train.py never does")
+    assert (out / "checkpoint.pt").read_bytes() == before
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read it as a torch checkpoint"):
+        ganpo.load_checkpoint(str(out / "checkpoint.pt"))
 
 
 @pytest.mark.parametrize("flags, message", [(["--disc_loss", "wgan"], "--disc_loss wgan: expected quad or ragan"),

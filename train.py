@@ -201,7 +201,10 @@ def main():
     if cfg.resume:
         if not os.path.isfile(ckpt_path):
             fail(f"--resume: no checkpoint.pt in --output_dir {cfg.output_dir}")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+        try:
+            state = ganpo.load_checkpoint(ckpt_path)
+        except ValueError as e:
+            fail(str(e))
         if state.get("world_size", 1) != world:
             fail(f"--resume: the run in {cfg.output_dir} was saved on {state.get('world_size', 1)} process(es); "
                  f"resume it on as many (torchrun --nproc_per_node), not {world}")
