@@ -14,7 +14,8 @@ as train.py built it. Per split it reports
     discriminators): the trained discriminators' held-out AUC of reference over policy latents,
     and of policy latents over the reference's of the other polarity;
   - generations at each temperature: reward, win rate against the reference's samples, length,
-    distinct-2, share of degenerate (looping) samples, and a sampled KL estimate.
+    distinct-2, share of degenerate (looping) samples, and a sampled estimate of the KL between
+    the policy and the reference, both tempered to T (the two distributions sampled at T).
 """
 import json
 import os
@@ -173,14 +174,16 @@ def sample(model, tokenizer, prompts, temperature, k, max_new_tokens, seed):
 
 
 @torch.no_grad()
-def sequence_logps(model, tokenizer, prompts, completion_ids, batch_size=16):
-    """Summed log-probs of given completion token ids after each chat prompt (one per row)."""
+def sequence_logps(model, tokenizer, prompts, completion_ids, temperature, batch_size=16):
+    """Summed log-probs of given completion token ids after each chat prompt (one per row), under
+    softmax(logits / temperature): the distribution sample() draws from at that temperature."""
     prompt_ids = [tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
                             add_special_tokens=False)["input_ids"] for p in prompts]
     out = []
     for i in range(0, len(prompts), batch_size):
         batch = ganpo.pad_right(prompt_ids[i:i + batch_size], completion_ids[i:i + batch_size], tokenizer.pad_token_id)
-        logps, _, _ = ganpo.forward_logps_and_hidden(model, {k: v.to(DEVICE) for k, v in batch.items()})
+        logps, _, _ = ganpo.forward_logps_and_hidden(model, {k: v.to(DEVICE) for k, v in batch.items()},
+                                                     temperature=temperature)
         out += logps.tolist()
     return out
 
@@ -191,8 +194,10 @@ def generation_metrics(policy, ref, tokenizer, prompts, temperature, cfg, score)
     ref_texts, ref_ids = sample(ref, tokenizer, prompts, temperature, cfg.samples, cfg.max_new_tokens, cfg.seed)
     pol_r, ref_r = score(rep, pol_texts), score(rep, ref_texts)
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(pol_r, ref_r)]
-    # KL(π_θ‖π_ref) ≈ E_{y~π_θ}[log π_θ(y|x) − log π_ref(y|x)], both models untempered; exact in expectation at T=1
-    kl = [a - b for a, b in zip(sequence_logps(policy, tokenizer, rep, pol_ids), sequence_logps(ref, tokenizer, rep, pol_ids))]
+    # KL(π_θ,T‖π_ref,T) ≈ E_{y~π_θ,T}[log π_θ,T(y|x) − log π_ref,T(y|x)], π_T = softmax(logits / T): the KL
+    # between the two distributions actually sampled at T (>= 0 in expectation; at T = 1 the models' own KL)
+    kl = [a - b for a, b in zip(sequence_logps(policy, tokenizer, rep, pol_ids, temperature),
+                                sequence_logps(ref, tokenizer, rep, pol_ids, temperature))]
     n = len(pol_texts)
     return {"reward": sum(pol_r) / n, "ref_reward": sum(ref_r) / n, "win_rate": sum(wins) / n,
             "length": sum(len(i) for i in pol_ids) / n, "ref_length": sum(len(i) for i in ref_ids) / n,
@@ -286,7 +291,7 @@ def print_table(results):
             ("latent/cosine", "latent cosine", "{:.4f}"), ("latent/mmd2", "latent MMD²", "{:.4f}"),
             ("latent/probe_accuracy", "probe accuracy", "{:.3f}")]
     disc_rows = [("disc/auc_real_fake", "D AUC ref > policy"), ("disc/auc_fake_contrast", "D AUC policy > other")]
-    gen_rows = [("reward", "reward"), ("win_rate", "win rate vs ref"), ("kl", "KL estimate"),
+    gen_rows = [("reward", "reward"), ("win_rate", "win rate vs ref"), ("kl", "KL, both at T"),
                 ("length", "length (tokens)"), ("distinct_2", "distinct-2"), ("degenerate", "degenerate share")]
     width = max(14, *(len(n) for n in names))
     for split in splits:
@@ -324,7 +329,7 @@ def plot(results, path):
             axes[1][j].plot(temps, [gen[t]["reward"] for t in gen], "o-", label=name)
         first = results[0]["splits"][split]["generation"]
         axes[1][j].plot([float(t) for t in first], [first[t]["ref_reward"] for t in first], "k--", label="reference")
-        axes[0][j].set(title=f"{split}: reward vs KL", xlabel="sampled KL(policy‖ref)", ylabel="mean reward")
+        axes[0][j].set(title=f"{split}: reward vs KL", xlabel="sampled KL(policy_T‖ref_T)", ylabel="mean reward")
         axes[1][j].set(title=f"{split}: reward vs temperature", xlabel="temperature", ylabel="mean reward")
         axes[0][j].legend()
         axes[1][j].legend()

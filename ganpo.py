@@ -180,12 +180,12 @@ class AdaptersOff(nn.Module):
         super().__init__()
         object.__setattr__(self, "policy", policy)
 
-    def forward(self, batch, chunk_tokens=1024):
+    def forward(self, batch, chunk_tokens=1024, temperature=1.0):
         training = self.policy.training
         self.policy.eval()
         try:
             with self.policy.disable_adapter(), torch.no_grad():
-                return forward_logps_and_hidden(self.policy, batch, chunk_tokens)
+                return forward_logps_and_hidden(self.policy, batch, chunk_tokens, temperature)
         finally:
             self.policy.train(training)
 
@@ -415,13 +415,14 @@ def pad_right(prompts, completions, pad_id):
 # ----------------------------------------------------------------------------------------------
 # log-probs and latents: one forward of [chosen; rejected] per model
 
-def _token_logps(lm_head, hidden, labels):
-    """log p(label) for each row of hidden (N, d): gather minus logsumexp, in float32."""
-    logits = lm_head(hidden).float()  # (N, V): float32 for this chunk only
+def _token_logps(lm_head, hidden, labels, temperature=1.0):
+    """log p(label) for each row of hidden (N, d): gather minus logsumexp, in float32.
+    temperature != 1: under softmax(logits / temperature), what sampling at that temperature draws from."""
+    logits = lm_head(hidden).float() / temperature  # (N, V): float32 for this chunk only
     return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def forward_logps_and_hidden(model, batch, chunk_tokens=1024):
+def forward_logps_and_hidden(model, batch, chunk_tokens=1024, temperature=1.0):
     """One forward -> (sum_logps (2B,), n_tokens (2B,), hidden (2B, T, d)).
 
     We call the decoder ourselves and apply the LM head only to completion positions: no logits for
@@ -429,9 +430,9 @@ def forward_logps_and_hidden(model, batch, chunk_tokens=1024):
     keeps all of them). Logits at position t predict token t+1, hence the single shift. Each chunk
     of the LM head runs under activation checkpointing, so its float32 (chunk, V) logits are freed
     after the forward and recomputed in the backward: a large vocabulary never sits in memory in
-    float32 for the whole batch."""
+    float32 for the whole batch. temperature: see _token_logps (training always uses 1)."""
     if isinstance(model, (LogpsAndHidden, AdaptersOff)):  # torchrun or LoRA's reference: through its forward
-        return model(batch, chunk_tokens)
+        return model(batch, chunk_tokens, temperature)
     out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long())
     hidden = out.last_hidden_state  # (2B, T, d): after the final norm
     scored = batch["completion_mask"][:, 1:]  # (2B, T-1): position t scores token t+1
@@ -440,7 +441,7 @@ def forward_logps_and_hidden(model, batch, chunk_tokens=1024):
     lm_head = model.get_output_embeddings()
     pieces = []
     for i in range(0, h.shape[0], chunk_tokens):
-        args = (lm_head, h[i:i + chunk_tokens], labels[i:i + chunk_tokens])
+        args = (lm_head, h[i:i + chunk_tokens], labels[i:i + chunk_tokens], temperature)
         pieces.append(checkpoint(_token_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
                       else _token_logps(*args))
     token_logps = torch.cat(pieces)  # (N,)
@@ -866,8 +867,8 @@ class LogpsAndHidden(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch, chunk_tokens=1024):
-        return forward_logps_and_hidden(self.model, batch, chunk_tokens)
+    def forward(self, batch, chunk_tokens=1024, temperature=1.0):
+        return forward_logps_and_hidden(self.model, batch, chunk_tokens, temperature)
 
 
 def shard(model, bf16):

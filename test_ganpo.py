@@ -246,11 +246,12 @@ def test_implicit_prompt_rows_are_split_at_the_last_shared_message():
 
 # ------------------------------------------------------------------------------ log-probs, latents
 
-def test_summed_logps_equal_a_brute_force_loop_over_positions(tokenizer):
+@pytest.mark.parametrize("temperature", [1.0, 1.5])  # 1.5: eval.py's tempered KL at T = 1.5
+def test_summed_logps_equal_a_brute_force_loop_over_positions(tokenizer, temperature):
     policy = tiny_policy(tokenizer)
     batch = batch_of(tokenizer, make_rows(3))
-    sum_logps, n_tokens, hidden = ganpo.forward_logps_and_hidden(policy, batch)
-    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits
+    sum_logps, n_tokens, hidden = ganpo.forward_logps_and_hidden(policy, batch, temperature=temperature)
+    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits / temperature
     for i in range(batch["input_ids"].shape[0]):
         total, count = 0.0, 0
         for t in range(1, batch["input_ids"].shape[1]):
@@ -260,6 +261,8 @@ def test_summed_logps_equal_a_brute_force_loop_over_positions(tokenizer):
         assert sum_logps[i].item() == pytest.approx(total, rel=1e-5)
         assert n_tokens[i].item() == count
     assert hidden.shape == (*batch["input_ids"].shape, policy.config.hidden_size)
+    if temperature != 1:  # a different distribution: not the untempered log-probs
+        assert not torch.allclose(sum_logps, ganpo.forward_logps_and_hidden(policy, batch)[0])
 
 
 def test_a_rows_logps_and_discriminator_score_do_not_change_when_batched_with_a_longer_row(tokenizer):
