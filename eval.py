@@ -18,6 +18,7 @@ as train.py built it. Per split it reports
     the policy and the reference, both tempered to T (the two distributions sampled at T).
 """
 import json
+import math
 import os
 import sys
 import time
@@ -57,7 +58,9 @@ class EvalConfig:
     batch_size: int = field(default=8, metadata={"help": "pairs per forward for preferences"})
     seed: int = field(default=0, metadata={"help": "seeds sampling and the probe"})
     out: str = field(default="", metadata={"help": "JSON path (default: RUN/eval.json for one run, eval.json for several)"})
-    plot: str = field(default="", metadata={"help": "PNG path (default: next to --out); needs matplotlib"})
+    plot: str = field(default="", metadata={"help": "PNG path (default: next to --out)"})
+    curves: bool = field(default=False, metadata={"help": "only draw RUN/curves.png, the training curves from "
+                                                           "RUN/metrics.jsonl (seconds; no model is loaded)"})
 
 
 # ---------------------------------------------------------------------------------- latent drift
@@ -311,14 +314,22 @@ def print_table(results):
                     f"{r['splits'][split]['generation'][t][key]:>{width + 2}.3f}" for r in results))
 
 
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save(fig, path):
+    """Write the PNG whole or not at all."""
+    fig.savefig(path + ".tmp", dpi=100, format="png")
+    os.replace(path + ".tmp", path)
+    print(f"plot: {path}")
+
+
 def plot(results, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return
+    plt = pyplot()
     splits = list(results[0]["splits"])
     fig, axes = plt.subplots(2, len(splits), figsize=(5 * len(splits), 8), squeeze=False)
     for j, split in enumerate(splits):
@@ -334,8 +345,68 @@ def plot(results, path):
         axes[0][j].legend()
         axes[1][j].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print(f"plot: {path}")
+    save(fig, path)
+
+
+def plot_curves(run):
+    """RUN/curves.png from RUN/metrics.jsonl: what train.py logged, per step (lines) and at each
+    held-out evaluation (markers), with the discriminators' diagnostics (SPEC §8) in the bottom row."""
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.isfile(path):
+        fail(f"{path}: no such file (is {run} a train.py --output_dir?)")
+    with open(path) as f:
+        try:
+            lines = [json.loads(line) for line in f if line.strip()]
+        except json.JSONDecodeError as e:
+            fail(f"{path}: not a metrics log ({e.msg})")
+    steps = [m for m in lines if "split" not in m]
+    evals = {}
+    for m in lines:
+        if "split" in m:
+            evals.setdefault(m["split"], []).append(m)
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+
+    def draw(ax, key, label, held_out_key=None, held_out_label=None):
+        """One logged value per step (a line), and its held-out counterpart at each evaluation (markers)."""
+        line = ax.plot([m["step"] for m in steps if key in m], [m[key] for m in steps if key in m], label=label)
+        for split, ms in evals.items():
+            ms = [m for m in ms if held_out_key in m] if held_out_key else []
+            if ms:
+                ax.plot([m["step"] for m in ms], [m[held_out_key] for m in ms], "o--", color=line[0].get_color(),
+                        label=f"{label if held_out_label is None else held_out_label}, held-out {split}".lstrip(", "))
+
+    draw(axes[0][0], "loss", "total loss")
+    draw(axes[0][0], "opo/loss", "preference loss", "eval/opo/loss")
+    draw(axes[0][1], "rewards/margins", "reward margin", "eval/rewards/margins")
+    draw(axes[0][2], "rewards/accuracies", "batch", "eval/rewards/accuracies", "")
+    for ax, title in zip(axes[0], ("loss", "reward margin (chosen − rejected)", "preference accuracy")):
+        ax.set(title=title, xlabel="step")
+    if not any("disc/loss" in m for m in steps):
+        for ax in axes[1]:
+            ax.axis("off")
+        axes[1][1].text(0.5, 0.5, "no discriminators in this run (--adv_weight 0)", ha="center")
+    else:
+        draw(axes[1][0], "disc/real_fake_loss", "D real/fake pair")
+        draw(axes[1][0], "disc/contrast_loss", "D contrastive pair")
+        draw(axes[1][0], "gen/loss", "generator")
+        axes[1][0].axhline(math.log(2), color="gray", lw=0.8, label="ln 2 (chance)")
+        draw(axes[1][1], "disc/real_fake_acc", "real > fake, batch accuracy", "eval/disc/auc_real_fake", "real > fake, AUC")
+        draw(axes[1][1], "disc/contrast_acc", "fake > other polarity, batch accuracy", "eval/disc/auc_fake_contrast",
+             "fake > other polarity, AUC")
+        axes[1][1].axhline(0.5, color="gray", lw=0.8)
+        for name in ("chosen", "rejected"):
+            draw(axes[1][2], f"disc/{name}/weight_change", f"{name} discriminator")
+        axes[1][2].set_yscale("symlog", linthresh=1e-4)  # frozen discriminators stay at exactly 0
+        for ax, title in zip(axes[1], ("discriminator losses", "discriminator accuracy (batch), AUC (held-out)",
+                                       "‖θ_D − θ_D,0‖ / ‖θ_D,0‖")):
+            ax.set(title=title, xlabel="step")
+    for ax in axes.flat:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(run)
+    fig.tight_layout()
+    save(fig, os.path.join(run, "curves.png"))
 
 
 def main():
@@ -349,6 +420,10 @@ def main():
     for run in cfg.runs:
         if not os.path.isdir(run):
             fail(f"{run}: no such run folder (train.py --output_dir)")
+    if cfg.curves:
+        for run in cfg.runs:
+            plot_curves(run)
+        return
     score = make_scorer(cfg.reward_model)
     results = [evaluate_run(run, cfg, score) for run in cfg.runs]
     progress("done")

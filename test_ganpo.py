@@ -912,6 +912,25 @@ def test_eval_table_shows_the_discriminators_view_in_rows_of_its_own(trained_run
     assert table[view + 1].split()[-2:] == [f"{ours:.3f}", "0.500"]  # untrained: policy = reference, AUC exactly ½
 
 
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_draws_its_figure_and_the_training_curves_of_a_run(trained_run, data_file, tmp_path, monkeypatch, capsys):
+    import eval as ev
+    out = trained_run[0]
+    cfg = ev.EvalConfig(data=data_file, split="x", limit=8, gen_prompts=1, samples=1, max_new_tokens=4, temperatures="1.0")
+    ev.plot([ev.evaluate_run(str(out), cfg, ev.make_scorer(""))], str(tmp_path / "eval.png"))
+    assert (tmp_path / "eval.png").read_bytes()[:8] == PNG and not (tmp_path / "eval.png.tmp").exists()
+    monkeypatch.setattr(sys, "argv", ["eval.py", str(out), "--curves"])
+    ev.main()  # no model is loaded: metrics.jsonl -> curves.png
+    assert capsys.readouterr().out.strip().endswith(f"plot: {out / 'curves.png'}")
+    assert (out / "curves.png").read_bytes()[:8] == PNG and (out / "curves.png").stat().st_size > 20000
+    monkeypatch.setattr(sys, "argv", ["eval.py", str(tmp_path), "--curves"])  # a folder without metrics.jsonl
+    with pytest.raises(SystemExit):
+        ev.main()
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'metrics.jsonl'}: no such file (is {tmp_path} a train.py --output_dir?)"
+
+
 def test_generation_is_reproducible_for_a_fixed_seed(tokenizer):
     import eval as ev
     policy = tiny_policy(tokenizer).eval()
@@ -1145,3 +1164,5 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_re
     text = (tmp_path / "results.md").read_text()
     assert "| ganpo − dpo | 0.2 | test | 1 | 0.100 | 0.000 | 0.000 | 0.000 | 0.000 | 1.500 | 1.000 |" in text
     assert "| ganpo − dpo | 0.2 | shift | 1 | 0.000 |" in text
+    for figure in ("results.png", "game.png"):  # matplotlib is a requirement: the report always draws
+        assert (tmp_path / figure).read_bytes()[:8] == PNG, figure

@@ -246,14 +246,10 @@ def weight_change(step_metrics):
 
 
 def pyplot():
-    """matplotlib.pyplot drawing to files, or None (with a line saying so) if it is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no figure")
-        return None
+    """matplotlib.pyplot, drawing to files only (no window)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     return plt
 
 
@@ -281,8 +277,6 @@ def game_table(groups):
 def plot_game(done, path):
     """Held-out discriminator AUC and weight change over training, and where each run's latents ended up."""
     plt = pyplot()
-    if plt is None:
-        return
     methods = sorted({r["method"] for r in done})
     color = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
     style = {0.0: "-", 0.2: "--", 0.4: ":"}
@@ -354,8 +348,6 @@ def paired(done, t):
 
 def plot(done, groups, path, t):
     plt = pyplot()
-    if plt is None:
-        return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     colors = {"dpo": "tab:blue", "ganpo": "tab:red", "simpo": "tab:green", "ganpo-simpo": "tab:purple"}
     markers = {0.0: "o", 0.2: "s", 0.4: "^"}
