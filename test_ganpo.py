@@ -1164,5 +1164,6 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_re
     text = (tmp_path / "results.md").read_text()
     assert "| ganpo − dpo | 0.2 | test | 1 | 0.100 | 0.000 | 0.000 | 0.000 | 0.000 | 1.500 | 1.000 |" in text
     assert "| ganpo − dpo | 0.2 | shift | 1 | 0.000 |" in text
-    for figure in ("results.png", "game.png"):  # matplotlib is a requirement: the report always draws
+    assert "| ganpo | 0.2 | test | 1 | - |" in text.split("The comparison (issue 11)")[1]  # no periodic AUC in this cell
+    for figure in ("results.png", "game.png", "comparison.png"):  # matplotlib is a requirement: the report always draws
         assert (tmp_path / figure).read_bytes()[:8] == PNG, figure

@@ -47,6 +47,9 @@ METHODS = {"dpo": ["--adv_weight", "0"],
            "ganpo-dlr20x-ragan-adv0.3": [*gan(disc_lr=5e-4, loss="ragan"), "--adv_weight", "0.3"],
            "simpo": ["--loss", "simpo", "--beta", "2.0", "--gamma", "0.5", "--adv_weight", "0"],
            "ganpo-simpo": ["--loss", "simpo", "--beta", "2.0", "--gamma", "0.5"]}
+# issue 11's comparison: DPO, the authors' settings, frozen discriminators, and the sweep's pick
+# (discriminator lr 20x the authors') with the four-term and with the two-term loss
+COMPARISON = ["dpo", "ganpo", "ganpo-frozen", "ganpo-dlr20x", "ganpo-dlr20x-ragan"]
 # periodic held-out evaluations, so the discriminators' AUC can be followed over training
 PERIODIC = ["--eval_every", "8", "--eval_pairs", "96"]
 SPLITS = ("test", "shift")
@@ -220,6 +223,7 @@ def report(args):
                     mean_sd([g.get("distinct_2") for g in gen])]
             lines.append(f"| {method} | {noise:g} | {split} | {len(ev)} | " + " | ".join(cols) + " |")
     lines += game_table(groups)
+    lines += comparison_table(groups)
     lines += paired(done, t)
     lines += ["", "| method | cells | median s/step | peak memory GiB | train wall s | eval wall s |", "|---|---|---|---|---|---|"]
     by_method = {}
@@ -236,6 +240,7 @@ def report(args):
     print(text)
     plot(done, groups, os.path.join(args.results, "..", "results.png"), t)
     plot_game(done, os.path.join(args.results, "..", "game.png"))
+    plot_comparison(done, os.path.join(args.results, "..", "comparison.png"))
 
 
 def weight_change(step_metrics):
@@ -272,6 +277,76 @@ def game_table(groups):
                     mean_sd([e["rewards/accuracies"] for e in ev])]
             lines.append(f"| {method} | {noise:g} | {split} | {len(ev)} | " + " | ".join(cols) + " |")
     return lines
+
+
+def comparison_table(groups):
+    """The comparison's methods at each noise level: the discriminators' view, drift, accuracy, and
+    reward at every temperature, mean ± sd over seeds."""
+    temps = sorted({t for rs in groups.values() for r in rs for s in SPLITS for t in r["eval"][s]["generation"]}, key=float)
+    lines = ["", "The comparison (issue 11): " + ", ".join(COMPARISON) + "; eval.py on 100 held-out pairs per split, "
+             "mean ± sd over seeds.", "",
+             "| method | noise | split | n | D AUC ref > policy | MMD² | cosine | probe | pref. acc | "
+             + " | ".join(f"reward T={t}" for t in temps) + " |",
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * len(temps)]
+    for (method, noise), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], COMPARISON.index(kv[0][0])
+                                                                          if kv[0][0] in COMPARISON else 99)):
+        if method not in COMPARISON or noise not in (0.0, 0.2):
+            continue
+        for split in SPLITS:
+            ev = [r["eval"][split] for r in rs]
+            cols = [mean_sd([e.get("disc/auc_real_fake") for e in ev]), mean_sd([e["latent/mmd2"] for e in ev]),
+                    mean_sd([e["latent/cosine"] for e in ev]), mean_sd([e["latent/probe_accuracy"] for e in ev]),
+                    mean_sd([e["rewards/accuracies"] for e in ev])]
+            cols += [mean_sd([e["generation"].get(t, {}).get("reward") for e in ev]) for t in temps]
+            lines.append(f"| {method} | {noise:g} | {split} | {len(ev)} | " + " | ".join(cols) + " |")
+    return lines
+
+
+def plot_comparison(done, path):
+    """One row per noise level: held-out AUC over training, latent MMD², reward against temperature;
+    each method's mean over its seeds (thin lines: each seed)."""
+    plt = pyplot()
+    rows = [n for n in (0.0, 0.2) if any(r["noise"] == n and r["method"] in COMPARISON for r in done)]
+    if not rows:
+        return
+    fig, axes = plt.subplots(len(rows), 3, figsize=(16, 4.4 * len(rows)), squeeze=False)
+    color = {m: plt.cm.tab10(i) for i, m in enumerate(COMPARISON)}
+    for row, noise in zip(axes, rows):
+        for x, method in enumerate(COMPARISON):
+            rs = [r for r in done if r["method"] == method and r["noise"] == noise]
+            if not rs:
+                continue
+            def label(n):
+                return f"{method} ({n} seed{'s' if n > 1 else ''})"
+            curves = [[(0, 0.5)] + [(e["step"], e["eval/disc/auc_real_fake"]) for e in r.get("evals", [])
+                                    if e["split"] == "test" and "eval/disc/auc_real_fake" in e] for r in rs]
+            curves = [c for c in curves if len(c) > 1]
+            for c in curves:
+                row[0].plot(*zip(*c), color=color[method], lw=0.6, alpha=0.5)
+            if curves and all(len(c) == len(curves[0]) for c in curves):
+                row[0].plot([p[0] for p in curves[0]], [statistics.mean(c[i][1] for c in curves) for i in range(len(curves[0]))],
+                            color=color[method], lw=2, marker="o", ms=3, label=label(len(curves)))
+            for j, (split, dx) in enumerate((("test", -0.18), ("shift", 0.18))):
+                values = [r["eval"][split]["latent/mmd2"] for r in rs]
+                row[1].bar(x + dx, statistics.mean(values), width=0.34, color=color[method], alpha=1.0 if j == 0 else 0.5)
+                row[1].scatter([x + dx] * len(values), values, color="black", s=8, zorder=3)
+            for split, style in (("test", "-"), ("shift", "--")):
+                temps = sorted(rs[0]["eval"][split]["generation"], key=float)  # "0.7", "1.0", "1.5"
+                row[2].plot([float(t) for t in temps], [statistics.mean(r["eval"][split]["generation"][t]["reward"] for r in rs)
+                                                        for t in temps],
+                            color=color[method], linestyle=style, marker="o", ms=3, label=label(len(rs)) if split == "test" else None)
+        row[0].axhline(0.5, color="gray", lw=0.8)
+        row[0].set(xlabel="policy step", ylabel="held-out AUC, reference > policy (test)", ylim=(-0.02, 1.02),
+                   title=f"label noise {noise:g}: the discriminators' view")
+        if row[0].get_legend_handles_labels()[0]:
+            row[0].legend(fontsize=7)
+        row[1].set_xticks(range(len(COMPARISON)), COMPARISON, rotation=15, fontsize=7)
+        row[1].set(ylabel="latent MMD² to the reference", title=f"label noise {noise:g}: drift (dark: test, light: shift; dots: seeds)")
+        row[2].set(xlabel="sampling temperature", ylabel="VADER reward", title=f"label noise {noise:g}: reward (solid: test, dashed: shift)")
+        row[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {os.path.normpath(path)}")
 
 
 def plot_game(done, path):

@@ -6,8 +6,11 @@
 TRL is not a project dependency; install it in a scratch environment only for this comparison.
 One optimizer step is what TRL's Trainer loop does per batch: `training_step` (policy forward and
 backward, reference forward), gradient clipping, AdamW step. Ours is `ganpo.ganpo_step` with λ = 0.
-The two run interleaved after a warm-up step each, on the same random token ids (bench.py's batch),
-collated by each library's own collator; we report median seconds per step.
+The two run strictly alternating (TRL, ours, TRL, ours, ...) after a warm-up step each, on the same
+random token ids (bench.py's batch), collated by each library's own collator; we report the median
+seconds per step with the spread, and the median of the per-pair ratios.
+
+    HF_HUB_OFFLINE=1 /tmp/trlenv/bin/python scripts/bench_trl.py --steps 8
 """
 import os
 import statistics
@@ -57,19 +60,23 @@ def main():
     times = {k: [] for k in steps}
     for fn in steps.values():  # warm-up
         fn()
-    for i in range(cfg.steps):
-        for name in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
+    for i in range(cfg.steps):  # strictly alternating: TRL, ours, TRL, ours, ... so both see the same machine
+        for name in steps:
             t0 = time.perf_counter()
             steps[name]()
             if device == "cuda":
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
     print(f"trl {trl.__version__} | {cfg.model} | {cfg.batch_size} pairs x {cfg.max_length} tokens | "
-          f"{'bf16 autocast' if use_bf16 else 'fp32'} | median of {cfg.steps} steps")
+          f"{'bf16 autocast' if use_bf16 else 'fp32'} | {cfg.steps} steps each, alternating")
     for k in steps:
-        print(f"{k:5s} {med[k]:8.3f} s/step  (all: {', '.join(f'{t:.2f}' for t in times[k])})")
-    print(f"ours/TRL time per DPO step: {med['ours'] / med['trl']:.3f}")
+        v = sorted(times[k])
+        print(f"{k:5s} median {statistics.median(v):7.3f} s/step | min {v[0]:.3f} max {v[-1]:.3f} | "
+              f"all: {', '.join(f'{t:.2f}' for t in times[k])}")
+    ratios = sorted(o / t for o, t in zip(times["ours"], times["trl"]))  # each of our steps against the TRL step before it
+    print(f"ours/TRL time per DPO step: median {statistics.median(ratios):.3f} (min {ratios[0]:.3f}, max {ratios[-1]:.3f}, "
+          f"over {len(ratios)} adjacent pairs); ratio of medians "
+          f"{statistics.median(times['ours']) / statistics.median(times['trl']):.3f}")
 
 
 if __name__ == "__main__":
