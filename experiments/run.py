@@ -47,9 +47,10 @@ METHODS = {"dpo": ["--adv_weight", "0"],
            "ganpo-dlr20x-ragan-adv0.3": [*gan(disc_lr=5e-4, loss="ragan"), "--adv_weight", "0.3"],
            "simpo": ["--loss", "simpo", "--beta", "2.0", "--gamma", "0.5", "--adv_weight", "0"],
            "ganpo-simpo": ["--loss", "simpo", "--beta", "2.0", "--gamma", "0.5"]}
-# issue 11's comparison: DPO, the authors' settings, frozen discriminators, and the sweep's pick
-# (discriminator lr 20x the authors') with the four-term and with the two-term loss
-COMPARISON = ["dpo", "ganpo", "ganpo-frozen", "ganpo-dlr20x", "ganpo-dlr20x-ragan"]
+# issue 11's comparison: DPO, the authors' settings, frozen discriminators, and the sweep's pick for
+# each loss: four-term (quad) with lr 20x the authors' and 4 discriminator steps per policy step, and
+# two-term (ragan) with lr 20x and 1 step (its discriminators already win at K = 1; see experiments/game.md)
+COMPARISON = ["dpo", "ganpo", "ganpo-frozen", "ganpo-dlr20x-k4", "ganpo-dlr20x-ragan"]
 # periodic held-out evaluations, so the discriminators' AUC can be followed over training
 PERIODIC = ["--eval_every", "8", "--eval_pairs", "96"]
 SPLITS = ("test", "shift")
