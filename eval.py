@@ -217,19 +217,21 @@ def evaluate_run(run, cfg, score):
     with open(path) as f:
         train_cfg = json.load(f)
     tokenizer = ganpo.load_tokenizer(train_cfg["model"])
+    # the reference is the base model as train.py built it, a frozen copy (a LoRA run's: the base, no adapter)
+    base = ganpo.load_policy(train_cfg["model"], tokenizer, train_cfg["seed"])
+    ref = ganpo.make_reference(base).to(DEVICE)
     try:
         if os.path.isfile(os.path.join(run, "adapter_config.json")):  # a LoRA run: its base + the adapter, merged
-            policy = ganpo.load_adapter(ganpo.load_policy(train_cfg["model"], tokenizer, train_cfg["seed"]), run)
+            policy = ganpo.load_adapter(base, run)  # merged into the base itself; ref is the copy taken before
         else:
             from transformers import AutoModelForCausalLM
             policy = AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32)
+        del base  # a full fine-tuning run's base is no longer needed (a LoRA run's is the policy now)
         policy = ganpo.disable_dropout(policy).eval().to(DEVICE)
     except ImportError:
         fail(f"{run}: a LoRA run; loading its adapter needs peft: pip install peft")
     except (OSError, ValueError) as e:
         fail(f"{run}: cannot load the saved policy ({type(e).__name__})")
-    # the reference is the base model, rebuilt (for a LoRA run: the same network with no adapter)
-    ref = ganpo.make_reference(ganpo.load_policy(train_cfg["model"], tokenizer, train_cfg["seed"]).to(DEVICE))
     loss_cfg = ganpo.LossConfig(loss=train_cfg["loss"], beta=train_cfg["beta"], gamma=train_cfg["gamma"],
                                 label_smoothing=train_cfg["label_smoothing"], adv_weight=train_cfg["adv_weight"],
                                 disc_tokens=train_cfg.get("disc_tokens", "all"))

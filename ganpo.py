@@ -241,7 +241,6 @@ def peak_memory_bytes(device):
         return rss if sys.platform == "darwin" else rss * 1024
 
 
-
 def load_checkpoint(path):
     """A run's checkpoint.pt, read with weights_only=True: tensors, numbers, strings and containers
     only, so that loading a checkpoint someone sent cannot run code. mmap: tensors are read when used."""
@@ -253,6 +252,7 @@ def load_checkpoint(path):
                          f"{found.group(1) if found else 'an object'}, which a checkpoint of train.py never does") from None
     except (OSError, RuntimeError, EOFError) as e:
         raise ValueError(f"{path}: cannot read it as a torch checkpoint ({type(e).__name__})") from None
+
 
 # ----------------------------------------------------------------------------------------------
 # data: read rows, tokenise them as TRL does, collate [chosen; rejected] (plumbing)
