@@ -11,15 +11,24 @@ random token ids (bench.py's batch), collated by each library's own collator; we
 seconds per step with the spread, and the median of the per-pair ratios.
 
     HF_HUB_OFFLINE=1 /tmp/trlenv/bin/python scripts/bench_trl.py --steps 8
+    HF_HUB_OFFLINE=1 /tmp/trlenv/bin/python scripts/bench_trl.py --heads     # the LM-head part alone
+
+--heads times only the part where the two steps differ most: from the last hidden states to the
+summed log-probs and back (forward + backward of the policy's LM head), on the same hidden states.
+TRL's head is its fused chunked log-prob function (TRL's ChunkedLogProbFunction, called as its trainer
+calls it), once over every position as TRL does on CPU, and once over completion positions only, as
+it does where Triton runs (CUDA, XPU); ours is ganpo.py's chunked, checkpointed head.
 """
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 import trl
 from datasets import Dataset
+from torch.utils.checkpoint import checkpoint
 from transformers import HfArgumentParser
 from trl import DPOConfig, DPOTrainer
 
@@ -28,8 +37,64 @@ import ganpo  # noqa: E402
 from bench import BenchConfig, random_examples, setup  # noqa: E402
 
 
+@dataclass
+class TrlBenchConfig:
+    heads: bool = field(default=False, metadata={"help": "time the LM-head part alone (see the docstring)"})
+
+
+def time_heads(cfg, model, examples, device):
+    """Forward + backward from the last hidden states to the summed log-probs: TRL's head vs ours."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    batch = {k: v.to(device) for k, v in ganpo.collate(examples, 0).items()}
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    scored = batch["completion_mask"][:, 1:]  # position t scores token t+1
+    rows = {"all": (hidden[:, :-1].reshape(-1, hidden.shape[-1]), batch["input_ids"][:, 1:].reshape(-1)),
+            "completion": (hidden[:, :-1][scored], batch["input_ids"][:, 1:][scored])}
+    lm_head = model.get_output_embeddings()
+    trl_outputs = ("log_probs", "entropy", "mean_logits", "is_top1")  # what DPOTrainer asks its policy head for
+
+    def trl_head(which):
+        h, labels = rows[which]
+        h = h.detach().requires_grad_()
+        logps = ChunkedLogProbFunction.apply(h, lm_head.weight, None, labels, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE,
+                                              None, 1.0, trl_outputs)[0]
+        logps.sum().backward()
+
+    def our_head():
+        h, labels = rows["completion"]
+        h = h.detach().requires_grad_()
+        pieces = [checkpoint(ganpo._token_logps, lm_head, h[i:i + cfg.logits_chunk],
+                                                    labels[i:i + cfg.logits_chunk], use_reentrant=False)
+                  for i in range(0, h.shape[0], cfg.logits_chunk)]
+        torch.cat(pieces).sum().backward()
+
+    heads = {f"trl, all {rows['all'][0].shape[0]} positions": lambda: trl_head("all"),
+             f"trl, {rows['completion'][0].shape[0]} completion positions": lambda: trl_head("completion"),
+             f"ours, {rows['completion'][0].shape[0]} completion positions": our_head}
+    times = {k: [] for k in heads}
+    for fn in heads.values():  # warm-up
+        fn()
+    for i in range(cfg.steps):  # alternating, as the whole steps
+        for name, fn in heads.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    print(f"trl {trl.__version__} | {cfg.model} | LM head forward + backward, {cfg.batch_size} pairs x {cfg.max_length} "
+          f"tokens, fp32 | {cfg.steps} times each, alternating")
+    for name, v in times.items():
+        print(f"{name:32s} median {statistics.median(v):6.3f} s | min {min(v):.3f} max {max(v):.3f}")
+
+
 def main():
-    cfg = HfArgumentParser(BenchConfig).parse_args_into_dataclasses()[0]
+    cfg, trl_cfg = HfArgumentParser((BenchConfig, TrlBenchConfig)).parse_args_into_dataclasses()
+    if trl_cfg.heads:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = ganpo.load_policy(cfg.model, ganpo.load_tokenizer(cfg.model), cfg.seed).to(device)
+        return time_heads(cfg, model, random_examples(model.config.vocab_size, cfg.batch_size, cfg.max_length, cfg.seed),
+                          device)
     our_step, device, _ = setup(cfg, ["dpo"])  # bench.py's DPO update (λ = 0) on its random batch
     use_bf16, _ = ganpo.precision(device, cfg.dtype)
     tokenizer = ganpo.load_tokenizer(cfg.model)
