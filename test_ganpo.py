@@ -1165,5 +1165,15 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_re
     assert "| ganpo − dpo | 0.2 | test | 1 | 0.100 | 0.000 | 0.000 | 0.000 | 0.000 | 1.500 | 1.000 |" in text
     assert "| ganpo − dpo | 0.2 | shift | 1 | 0.000 |" in text
     assert "| ganpo | 0.2 | test | 1 | - |" in text.split("The comparison (issue 11)")[1]  # no periodic AUC in this cell
+    # seed by seed: a cell not yet rerun is taken from results/first-grid/ and marked ᶠ; one never run reads '?'
+    (tmp_path / "results" / "first-grid").mkdir()
+    f = {**g, "method": "ganpo-frozen", "name": "ganpo-frozen-n0.2-s0"}
+    (tmp_path / "results" / "first-grid" / "ganpo-frozen-n0.2-s0.json").write_text(json.dumps(f))
+    rep = run("--report")
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    rows = (tmp_path / "results.md").read_text().split("The comparison seed by seed")[1]
+    mmd2, acc = f"{g['eval']['test']['latent/mmd2']:.3f}", f"{g['final_eval']['test']['rewards/accuracies']:.3f}"
+    assert f"| ganpo | 0.2 | - | {mmd2} | " in rows and f"| ganpo-frozen | 0.2 | -ᶠ | {mmd2}ᶠ | " in rows
+    assert f" | {acc}ᶠ | " in rows and "| ganpo-dlr20x-k4 | 0.2 | ? | ? | ? | ? | ? | ? | ? |" in rows
     for figure in ("results.png", "game.png", "comparison.png"):  # matplotlib is a requirement: the report always draws
         assert (tmp_path / figure).read_bytes()[:8] == PNG, figure

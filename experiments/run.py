@@ -225,6 +225,7 @@ def report(args):
             lines.append(f"| {method} | {noise:g} | {split} | {len(ev)} | " + " | ".join(cols) + " |")
     lines += game_table(groups)
     lines += comparison_table(groups)
+    lines += per_seed_table(done, load_records(os.path.join(args.results, "first-grid")).values())
     lines += paired(done, t)
     lines += ["", "| method | cells | median s/step | peak memory GiB | train wall s | eval wall s |", "|---|---|---|---|---|---|"]
     by_method = {}
@@ -300,6 +301,47 @@ def comparison_table(groups):
                     mean_sd([e["rewards/accuracies"] for e in ev])]
             cols += [mean_sd([e["generation"].get(t, {}).get("reward") for e in ev]) for t in temps]
             lines.append(f"| {method} | {noise:g} | {split} | {len(ev)} | " + " | ".join(cols) + " |")
+    return lines
+
+
+def per_seed_table(done, older):
+    """The comparison cell by cell on `test`, each seed beside DPO's of the same seed (same pairs, same
+    order). A cell not yet rerun is taken from `older` (the first grid's records, made before the
+    discriminators were measured), marked ᶠ."""
+    by_key = {(r["method"], r["noise"], r["seed"]): r for r in done}
+    older = {(r["method"], r["noise"], r["seed"]): r for r in older}
+    seeds = sorted({r["seed"] for r in done if r["method"] in COMPARISON})
+    lines = ["", "The comparison seed by seed (" + " / ".join(f"seed {s}" for s in seeds) + "), `test` split: D AUC, "
+             "MMD², cosine and reward from eval.py (100 pairs), preference accuracy from train.py's final evaluation "
+             "(all 276 pairs). ᶠ: the first grid's record (no discriminator measurements), this cell not yet rerun; "
+             "'?': not run yet.", "",
+             "| method | noise | D AUC ref > policy | MMD² to ref | cosine | pref. acc | reward T=0.7 | reward T=1.0 | reward T=1.5 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(r, get):
+        try:
+            v = get(r)
+        except (KeyError, TypeError):
+            v = None
+        return "-" if v is None else f"{v:.3f}"
+
+    getters = [lambda r: r["eval"]["test"].get("disc/auc_real_fake"), lambda r: r["eval"]["test"]["latent/mmd2"],
+               lambda r: r["eval"]["test"]["latent/cosine"], lambda r: r["final_eval"]["test"]["rewards/accuracies"]]
+    getters += [lambda r, t=t: r["eval"]["test"]["generation"][t]["reward"] for t in ("0.7", "1.0", "1.5")]
+    for noise in (0.0, 0.2):
+        if not any((method, noise, s) in by_key for method in COMPARISON for s in seeds):
+            continue
+        for method in COMPARISON:
+            cols = []
+            for get in getters:
+                values = []
+                for s in seeds:
+                    r, mark = by_key.get((method, noise, s)), ""
+                    if r is None and (method, noise, s) in older:
+                        r, mark = older[(method, noise, s)], "ᶠ"
+                    values.append("?" if r is None else cell(r, get) + mark)
+                cols.append(" / ".join(values))
+            lines.append(f"| {method} | {noise:g} | " + " | ".join(cols) + " |")
     return lines
 
 
