@@ -422,6 +422,17 @@ def _token_logps(lm_head, hidden, labels, temperature=1.0):
     return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def chunked_token_logps(lm_head, h, labels, chunk_tokens=1024, temperature=1.0):
+    """_token_logps over the rows of h (N, d) in chunks of chunk_tokens, each under activation
+    checkpointing when gradients are on -> (N,)."""
+    pieces = []
+    for i in range(0, h.shape[0], chunk_tokens):
+        args = (lm_head, h[i:i + chunk_tokens], labels[i:i + chunk_tokens], temperature)
+        pieces.append(checkpoint(_token_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
+                      else _token_logps(*args))
+    return torch.cat(pieces)
+
+
 def forward_logps_and_hidden(model, batch, chunk_tokens=1024, temperature=1.0):
     """One forward -> (sum_logps (2B,), n_tokens (2B,), hidden (2B, T, d)).
 
@@ -438,13 +449,7 @@ def forward_logps_and_hidden(model, batch, chunk_tokens=1024, temperature=1.0):
     scored = batch["completion_mask"][:, 1:]  # (2B, T-1): position t scores token t+1
     labels = batch["input_ids"][:, 1:][scored]  # (N,)
     h = hidden[:, :-1][scored]  # (N, d)
-    lm_head = model.get_output_embeddings()
-    pieces = []
-    for i in range(0, h.shape[0], chunk_tokens):
-        args = (lm_head, h[i:i + chunk_tokens], labels[i:i + chunk_tokens], temperature)
-        pieces.append(checkpoint(_token_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
-                      else _token_logps(*args))
-    token_logps = torch.cat(pieces)  # (N,)
+    token_logps = chunked_token_logps(model.get_output_embeddings(), h, labels, chunk_tokens, temperature)  # (N,)
     row = torch.arange(scored.shape[0], device=scored.device)[:, None].expand_as(scored)[scored]  # (N,)
     sum_logps = torch.zeros(scored.shape[0], device=h.device, dtype=torch.float32).index_add(0, row, token_logps)
     n_tokens = scored.sum(-1)  # (2B,)

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 import torch
 import trl
 from datasets import Dataset
-from torch.utils.checkpoint import checkpoint
 from transformers import HfArgumentParser
 from trl import DPOConfig, DPOTrainer
 
@@ -66,10 +65,7 @@ def time_heads(cfg, model, examples, device):
     def our_head():
         h, labels = rows["completion"]
         h = h.detach().requires_grad_()
-        pieces = [checkpoint(ganpo._token_logps, lm_head, h[i:i + cfg.logits_chunk],
-                                                    labels[i:i + cfg.logits_chunk], use_reentrant=False)
-                  for i in range(0, h.shape[0], cfg.logits_chunk)]
-        torch.cat(pieces).sum().backward()
+        ganpo.chunked_token_logps(lm_head, h, labels, cfg.logits_chunk).sum().backward()
 
     heads = {f"trl, all {rows['all'][0].shape[0]} positions": lambda: trl_head("all"),
              f"trl, {rows['completion'][0].shape[0]} completion positions": lambda: trl_head("completion"),
