@@ -65,7 +65,7 @@ def time_heads(cfg, model, examples, device):
     def our_head():
         h, labels = rows["completion"]
         h = h.detach().requires_grad_()
-        ganpo.chunked_token_logps(lm_head, h, labels, cfg.logits_chunk).sum().backward()
+        ganpo.chunked_token_logps(lm_head, h, labels, cfg.logits_chunk or 10 ** 12).sum().backward()  # 0: one chunk, as bench.py
 
     heads = {f"trl, all {rows['all'][0].shape[0]} positions": lambda: trl_head("all"),
              f"trl, {rows['completion'][0].shape[0]} completion positions": lambda: trl_head("completion"),
