@@ -311,12 +311,14 @@ def per_seed_table(done, older):
     by_key = {(r["method"], r["noise"], r["seed"]): r for r in done}
     older = {(r["method"], r["noise"], r["seed"]): r for r in older}
     seeds = sorted({r["seed"] for r in done if r["method"] in COMPARISON})
+    temps = sorted({t for r in done if r["method"] in COMPARISON for t in r["eval"]["test"]["generation"]}, key=float)
     lines = ["", "The comparison seed by seed (" + " / ".join(f"seed {s}" for s in seeds) + "), `test` split: D AUC, "
              "MMD², cosine and reward from eval.py (100 pairs), preference accuracy from train.py's final evaluation "
              "(all 276 pairs). ᶠ: the first grid's record (no discriminator measurements), this cell not yet rerun; "
              "'?': not run yet.", "",
-             "| method | noise | D AUC ref > policy | MMD² to ref | cosine | pref. acc | reward T=0.7 | reward T=1.0 | reward T=1.5 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| method | noise | D AUC ref > policy | MMD² to ref | cosine | pref. acc | "
+             + " | ".join(f"reward T={t}" for t in temps) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(temps)]
 
     def cell(r, get):
         try:
@@ -327,7 +329,7 @@ def per_seed_table(done, older):
 
     getters = [lambda r: r["eval"]["test"].get("disc/auc_real_fake"), lambda r: r["eval"]["test"]["latent/mmd2"],
                lambda r: r["eval"]["test"]["latent/cosine"], lambda r: r["final_eval"]["test"]["rewards/accuracies"]]
-    getters += [lambda r, t=t: r["eval"]["test"]["generation"][t]["reward"] for t in ("0.7", "1.0", "1.5")]
+    getters += [lambda r, t=t: r["eval"]["test"]["generation"][t]["reward"] for t in temps]
     for noise in (0.0, 0.2):
         if not any((method, noise, s) in by_key for method in COMPARISON for s in seeds):
             continue
