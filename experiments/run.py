@@ -225,7 +225,8 @@ def report(args):
             lines.append(f"| {method} | {noise:g} | {split} | {len(ev)} | " + " | ".join(cols) + " |")
     lines += game_table(groups)
     lines += comparison_table(groups)
-    lines += per_seed_table(done, load_records(os.path.join(args.results, "first-grid")).values())
+    first_grid = list(load_records(os.path.join(args.results, "first-grid")).values())
+    lines += per_seed_table(done, first_grid)
     lines += paired(done, t)
     lines += ["", "| method | cells | median s/step | peak memory GiB | train wall s | eval wall s |", "|---|---|---|---|---|---|"]
     by_method = {}
@@ -242,7 +243,7 @@ def report(args):
     print(text)
     plot(done, groups, os.path.join(args.results, "..", "results.png"), t)
     plot_game(done, os.path.join(args.results, "..", "game.png"))
-    plot_comparison(done, os.path.join(args.results, "..", "comparison.png"))
+    plot_comparison(done, os.path.join(args.results, "..", "comparison.png"), first_grid)
 
 
 def weight_change(step_metrics):
@@ -347,11 +348,14 @@ def per_seed_table(done, older):
     return lines
 
 
-def plot_comparison(done, path):
+def plot_comparison(done, path, older=()):
     """One row per noise level: held-out AUC over training, latent MMD², reward against temperature;
-    each method's mean over its seeds (thin lines: each seed)."""
+    each method's mean over its seeds (thin lines: each seed). A cell not yet rerun is taken from
+    `older` (the first grid's records), which adds to the drift and reward panels only: it holds no AUC."""
     plt = pyplot()
-    rows = [n for n in (0.0, 0.2) if any(r["noise"] == n and r["method"] in COMPARISON for r in done)]
+    have = {(r["method"], r["noise"], r["seed"]) for r in done}
+    older = [r for r in older if (r["method"], r["noise"], r["seed"]) not in have]
+    rows = [n for n in (0.0, 0.2) if any(r["noise"] == n and r["method"] in COMPARISON for r in list(done) + older)]
     if not rows:
         return
     fig, axes = plt.subplots(len(rows), 3, figsize=(16, 4.4 * len(rows)), squeeze=False)
@@ -359,10 +363,13 @@ def plot_comparison(done, path):
     for row, noise in zip(axes, rows):
         for x, method in enumerate(COMPARISON):
             rs = [r for r in done if r["method"] == method and r["noise"] == noise]
-            if not rs:
+            old = [r for r in older if r["method"] == method and r["noise"] == noise]
+            if not rs + old:
                 continue
             def label(n):
                 return f"{method} ({n} seed{'s' if n > 1 else ''})"
+            def label_all():
+                return label(len(rs) + len(old))[:-1] + (f", {len(old)} from the first grid)" if old else ")")
             curves = [[(0, 0.5)] + [(e["step"], e["eval/disc/auc_real_fake"]) for e in r.get("evals", [])
                                     if e["split"] == "test" and "eval/disc/auc_real_fake" in e] for r in rs]
             curves = [c for c in curves if len(c) > 1]
@@ -372,14 +379,14 @@ def plot_comparison(done, path):
                 row[0].plot([p[0] for p in curves[0]], [statistics.mean(c[i][1] for c in curves) for i in range(len(curves[0]))],
                             color=color[method], lw=2, marker="o", ms=3, label=label(len(curves)))
             for j, (split, dx) in enumerate((("test", -0.18), ("shift", 0.18))):
-                values = [r["eval"][split]["latent/mmd2"] for r in rs]
+                values = [r["eval"][split]["latent/mmd2"] for r in rs + old]
                 row[1].bar(x + dx, statistics.mean(values), width=0.34, color=color[method], alpha=1.0 if j == 0 else 0.5)
                 row[1].scatter([x + dx] * len(values), values, color="black", s=8, zorder=3)
             for split, style in (("test", "-"), ("shift", "--")):
-                temps = sorted(rs[0]["eval"][split]["generation"], key=float)  # "0.7", "1.0", "1.5"
-                row[2].plot([float(t) for t in temps], [statistics.mean(r["eval"][split]["generation"][t]["reward"] for r in rs)
+                temps = sorted((rs + old)[0]["eval"][split]["generation"], key=float)  # "0.7", "1.0", "1.5"
+                row[2].plot([float(t) for t in temps], [statistics.mean(r["eval"][split]["generation"][t]["reward"] for r in rs + old)
                                                         for t in temps],
-                            color=color[method], linestyle=style, marker="o", ms=3, label=label(len(rs)) if split == "test" else None)
+                            color=color[method], linestyle=style, marker="o", ms=3, label=label_all() if split == "test" else None)
         row[0].axhline(0.5, color="gray", lw=0.8)
         row[0].set(xlabel="policy step", ylabel="held-out AUC, reference > policy (test)", ylim=(-0.02, 1.02),
                    title=f"label noise {noise:g}: the discriminators' view")
