@@ -1174,6 +1174,7 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_re
     rows = (tmp_path / "results.md").read_text().split("The comparison seed by seed")[1]
     mmd2, acc = f"{g['eval']['test']['latent/mmd2']:.3f}", f"{g['final_eval']['test']['rewards/accuracies']:.3f}"
     assert f"| ganpo | 0.2 | - | {mmd2} | " in rows and f"| ganpo-frozen | 0.2 | -ᶠ | {mmd2}ᶠ | " in rows
-    assert f" | {acc}ᶠ | " in rows and "| ganpo-dlr20x-k4 | 0.2 | ? | ? | ? | ? | ? | ? | ? |" in rows
+    assert f" | {acc}ᶠ | " in rows and "| ganpo-dlr20x-k4 | 0.2 | ? | ? | ? | ? | ? |\n" in rows
+    assert "| pref. acc | reward T=1.0 |\n" in rows  # one reward column per temperature the records hold
     for figure in ("results.png", "game.png", "comparison.png"):  # matplotlib is a requirement: the report always draws
         assert (tmp_path / figure).read_bytes()[:8] == PNG, figure
