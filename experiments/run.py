@@ -366,10 +366,9 @@ def plot_comparison(done, path, older=()):
             old = [r for r in older if r["method"] == method and r["noise"] == noise]
             if not rs + old:
                 continue
-            def label(n):
-                return f"{method} ({n} seed{'s' if n > 1 else ''})"
-            def label_all():
-                return label(len(rs) + len(old))[:-1] + (f", {len(old)} from the first grid)" if old else ")")
+            def label(n, from_first_grid=0):
+                first = f", {from_first_grid} from the first grid" if from_first_grid else ""
+                return f"{method} ({n} seed{'s' if n > 1 else ''}{first})"
             curves = [[(0, 0.5)] + [(e["step"], e["eval/disc/auc_real_fake"]) for e in r.get("evals", [])
                                     if e["split"] == "test" and "eval/disc/auc_real_fake" in e] for r in rs]
             curves = [c for c in curves if len(c) > 1]
@@ -386,7 +385,7 @@ def plot_comparison(done, path, older=()):
                 temps = sorted((rs + old)[0]["eval"][split]["generation"], key=float)  # "0.7", "1.0", "1.5"
                 row[2].plot([float(t) for t in temps], [statistics.mean(r["eval"][split]["generation"][t]["reward"] for r in rs + old)
                                                         for t in temps],
-                            color=color[method], linestyle=style, marker="o", ms=3, label=label_all() if split == "test" else None)
+                            color=color[method], linestyle=style, marker="o", ms=3, label=label(len(rs) + len(old), len(old)) if split == "test" else None)
         row[0].axhline(0.5, color="gray", lw=0.8)
         row[0].set(xlabel="policy step", ylabel="held-out AUC, reference > policy (test)", ylim=(-0.02, 1.02),
                    title=f"label noise {noise:g}: the discriminators' view")
