@@ -355,7 +355,7 @@ def plot_comparison(done, path, older=()):
     plt = pyplot()
     have = {(r["method"], r["noise"], r["seed"]) for r in done}
     older = [r for r in older if (r["method"], r["noise"], r["seed"]) not in have]
-    rows = [n for n in (0.0, 0.2) if any(r["noise"] == n and r["method"] in COMPARISON for r in list(done) + older)]
+    rows = [n for n in (0.0, 0.2) if any(r["noise"] == n and r["method"] in COMPARISON for r in done + older)]
     if not rows:
         return
     fig, axes = plt.subplots(len(rows), 3, figsize=(16, 4.4 * len(rows)), squeeze=False)
@@ -364,7 +364,8 @@ def plot_comparison(done, path, older=()):
         for x, method in enumerate(COMPARISON):
             rs = [r for r in done if r["method"] == method and r["noise"] == noise]
             old = [r for r in older if r["method"] == method and r["noise"] == noise]
-            if not rs + old:
+            cells = rs + old  # the drift and reward panels use both; the AUC panel only rs
+            if not cells:
                 continue
             def label(n, from_first_grid=0):
                 first = f", {from_first_grid} from the first grid" if from_first_grid else ""
@@ -378,14 +379,14 @@ def plot_comparison(done, path, older=()):
                 row[0].plot([p[0] for p in curves[0]], [statistics.mean(c[i][1] for c in curves) for i in range(len(curves[0]))],
                             color=color[method], lw=2, marker="o", ms=3, label=label(len(curves)))
             for j, (split, dx) in enumerate((("test", -0.18), ("shift", 0.18))):
-                values = [r["eval"][split]["latent/mmd2"] for r in rs + old]
+                values = [r["eval"][split]["latent/mmd2"] for r in cells]
                 row[1].bar(x + dx, statistics.mean(values), width=0.34, color=color[method], alpha=1.0 if j == 0 else 0.5)
                 row[1].scatter([x + dx] * len(values), values, color="black", s=8, zorder=3)
             for split, style in (("test", "-"), ("shift", "--")):
-                temps = sorted((rs + old)[0]["eval"][split]["generation"], key=float)  # "0.7", "1.0", "1.5"
-                row[2].plot([float(t) for t in temps], [statistics.mean(r["eval"][split]["generation"][t]["reward"] for r in rs + old)
+                temps = sorted(cells[0]["eval"][split]["generation"], key=float)  # "0.7", "1.0", "1.5"
+                row[2].plot([float(t) for t in temps], [statistics.mean(r["eval"][split]["generation"][t]["reward"] for r in cells)
                                                         for t in temps],
-                            color=color[method], linestyle=style, marker="o", ms=3, label=label(len(rs) + len(old), len(old)) if split == "test" else None)
+                            color=color[method], linestyle=style, marker="o", ms=3, label=label(len(cells), len(old)) if split == "test" else None)
         row[0].axhline(0.5, color="gray", lw=0.8)
         row[0].set(xlabel="policy step", ylabel="held-out AUC, reference > policy (test)", ylim=(-0.02, 1.02),
                    title=f"label noise {noise:g}: the discriminators' view")
