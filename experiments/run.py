@@ -193,6 +193,11 @@ def compare(args):
 
 # ---------------------------------------------------------------------------------------- report
 
+def key(r):
+    """A cell's place in the grid: (method, noise, seed)."""
+    return r["method"], r["noise"], r["seed"]
+
+
 def mean_sd(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -225,7 +230,10 @@ def report(args):
             lines.append(f"| {method} | {noise:g} | {split} | {len(ev)} | " + " | ".join(cols) + " |")
     lines += game_table(groups)
     lines += comparison_table(groups)
-    first_grid = list(load_records(os.path.join(args.results, "first-grid")).values())
+    # The first grid's cells not yet rerun (made before the discriminators were measured) stand in for
+    # their rerun in the seed-by-seed table and in comparison.png's drift and reward panels.
+    rerun = {key(r) for r in done}
+    first_grid = [r for r in load_records(os.path.join(args.results, "first-grid")).values() if key(r) not in rerun]
     lines += per_seed_table(done, first_grid)
     lines += paired(done, t)
     lines += ["", "| method | cells | median s/step | peak memory GiB | train wall s | eval wall s |", "|---|---|---|---|---|---|"]
@@ -309,8 +317,8 @@ def per_seed_table(done, older):
     """The comparison cell by cell on `test`, each seed beside DPO's of the same seed (same pairs, same
     order). A cell not yet rerun is taken from `older` (the first grid's records, made before the
     discriminators were measured), marked ᶠ."""
-    by_key = {(r["method"], r["noise"], r["seed"]): r for r in done}
-    older = {(r["method"], r["noise"], r["seed"]): r for r in older}
+    by_key = {key(r): r for r in done}
+    older = {key(r): r for r in older}
     seeds = sorted({r["seed"] for r in done if r["method"] in COMPARISON})
     temps = sorted({t for r in done if r["method"] in COMPARISON for t in r["eval"]["test"]["generation"]}, key=float)
     lines = ["", "The comparison seed by seed (" + " / ".join(f"seed {s}" for s in seeds) + "), `test` split: D AUC, "
@@ -353,8 +361,7 @@ def plot_comparison(done, path, older=()):
     each method's mean over its seeds (thin lines: each seed). A cell not yet rerun is taken from
     `older` (the first grid's records), which adds to the drift and reward panels only: it holds no AUC."""
     plt = pyplot()
-    have = {(r["method"], r["noise"], r["seed"]) for r in done}
-    older = [r for r in older if (r["method"], r["noise"], r["seed"]) not in have]
+    older = list(older)
     rows = [n for n in (0.0, 0.2) if any(r["noise"] == n and r["method"] in COMPARISON for r in done + older)]
     if not rows:
         return
@@ -409,7 +416,7 @@ def plot_game(done, path):
     style = {0.0: "-", 0.2: "--", 0.4: ":"}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     labelled, scattered = set(), set()
-    for r in sorted(done, key=lambda r: (r["method"], r["noise"], r["seed"])):
+    for r in sorted(done, key=key):
         label = r["method"] if r["method"] not in labelled else None
         evals = [e for e in r.get("evals", []) if e["split"] == "test" and "eval/disc/auc_real_fake" in e]
         if evals:
@@ -446,7 +453,7 @@ PAIRS = [("dpo", m) for m in METHODS if m.startswith("ganpo") and m != "ganpo-si
 def paired(done, t):
     """GANPO minus its base loss on the same seed and noise (same pairs, same order), mean ± sd over
     seeds: the seed-to-seed spread of the differences, not of each method alone."""
-    by_key = {(r["method"], r["noise"], r["seed"]): r for r in done}
+    by_key = {key(r): r for r in done}
     lines = ["", f"Paired differences, (method with the adversarial term) − (its base loss), same seed and noise; "
              f"generation at T = {t}. Time and memory are ratios.", "",
              "| pair | noise | split | n | Δ pref. acc | Δ reward | Δ win rate | Δ KL | Δ MMD² | s/step ratio | memory ratio |",
