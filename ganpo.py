@@ -418,7 +418,9 @@ def pad_right(prompts, completions, pad_id):
 def _token_logps(lm_head, hidden, labels, temperature=1.0):
     """log p(label) for each row of hidden (N, d): gather minus logsumexp, in float32.
     temperature != 1: under softmax(logits / temperature), what sampling at that temperature draws from."""
-    logits = lm_head(hidden).float() / temperature  # (N, V): float32 for this chunk only
+    logits = lm_head(hidden).float()  # (N, V): float32 for this chunk only
+    if temperature != 1:  # skipped in training: a pass over (N, V) and its backward, ~4% of a CPU step
+        logits = logits / temperature
     return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 

@@ -12,12 +12,17 @@ seconds per step with the spread, and the median of the per-pair ratios.
 
     HF_HUB_OFFLINE=1 /tmp/trlenv/bin/python scripts/bench_trl.py --steps 8
     HF_HUB_OFFLINE=1 /tmp/trlenv/bin/python scripts/bench_trl.py --heads     # the LM-head part alone
+    HF_HUB_OFFLINE=1 /tmp/trlenv/bin/python scripts/bench_trl.py --profile   # where the difference is, by operator
 
 --heads times only the part where the two steps differ most: from the last hidden states to the
 summed log-probs and back (forward + backward of the policy's LM head), on the same hidden states.
 TRL's head is its fused chunked log-prob function (TRL's ChunkedLogProbFunction, called as its trainer
 calls it), once over every position as TRL does on CPU, and once over completion positions only, as
 it does where Triton runs (CUDA, XPU); ours is ganpo.py's chunked, checkpointed head.
+
+--profile runs one step of each (after the warm-ups, alternating as above) under torch.profiler and
+prints, per operator, the self CPU seconds of TRL's step and of ours, largest difference first: the
+whole-step difference taken apart.
 """
 import os
 import statistics
@@ -39,6 +44,7 @@ from bench import BenchConfig, random_examples, setup  # noqa: E402
 @dataclass
 class TrlBenchConfig:
     heads: bool = field(default=False, metadata={"help": "time the LM-head part alone (see the docstring)"})
+    profile: bool = field(default=False, metadata={"help": "profile one step of each: where the time difference is"})
 
 
 def time_heads(cfg, model, examples, device):
@@ -84,6 +90,31 @@ def time_heads(cfg, model, examples, device):
         print(f"{name:32s} median {statistics.median(v):6.3f} s | min {min(v):.3f} max {max(v):.3f}")
 
 
+def profile_steps(steps, n):
+    """Self CPU seconds per operator over n steps of each, alternating; largest difference first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_op, totals = {}, {}
+    for i in range(n):
+        for name, fn in steps.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()
+                fn()
+                totals[name] = totals.get(name, 0.0) + time.perf_counter() - t0
+            for e in prof.key_averages():
+                per_op.setdefault(e.key, {"trl": 0.0, "ours": 0.0})[name] += e.self_cpu_time_total / 1e6
+    print(f"trl {trl.__version__} | {n} profiled step(s) each, alternating | wall s: trl {totals['trl']:.2f}, "
+          f"ours {totals['ours']:.2f} (the profiler adds overhead)")
+    print(f"{'operator (self CPU s, summed over steps)':44s} {'trl':>8s} {'ours':>8s} {'trl-ours':>9s}")
+    rows = sorted(per_op.items(), key=lambda kv: -abs(kv[1]["trl"] - kv[1]["ours"]))
+    for key, v in rows[:20]:
+        print(f"{key[:44]:44s} {v['trl']:8.2f} {v['ours']:8.2f} {v['trl'] - v['ours']:9.2f}")
+    rest = {k: sum(v[k] for _, v in rows[20:]) for k in ("trl", "ours")}
+    all_ = {k: sum(v[k] for v in per_op.values()) for k in ("trl", "ours")}
+    print(f"{'(all other operators)':44s} {rest['trl']:8.2f} {rest['ours']:8.2f} {rest['trl'] - rest['ours']:9.2f}")
+    print(f"{'(total self CPU)':44s} {all_['trl']:8.2f} {all_['ours']:8.2f} {all_['trl'] - all_['ours']:9.2f}")
+
+
 def main():
     cfg, trl_cfg = HfArgumentParser((BenchConfig, TrlBenchConfig)).parse_args_into_dataclasses()
     if trl_cfg.heads:
@@ -121,6 +152,8 @@ def main():
     times = {k: [] for k in steps}
     for fn in steps.values():  # warm-up
         fn()
+    if trl_cfg.profile:
+        return profile_steps(steps, cfg.steps)
     for i in range(cfg.steps):  # strictly alternating: TRL, ours, TRL, ours, ... so both see the same machine
         for name in steps:
             t0 = time.perf_counter()
