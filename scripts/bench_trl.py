@@ -20,9 +20,9 @@ TRL's head is its fused chunked log-prob function (TRL's ChunkedLogProbFunction,
 calls it), once over every position as TRL does on CPU, and once over completion positions only, as
 it does where Triton runs (CUDA, XPU); ours is ganpo.py's chunked, checkpointed head.
 
---profile runs one step of each (after the warm-ups, alternating as above) under torch.profiler and
-prints, per operator, the self CPU seconds of TRL's step and of ours, largest difference first: the
-whole-step difference taken apart.
+--profile runs --steps steps of each (after the warm-ups, alternating as above) under torch.profiler
+and prints, per operator, the self CPU seconds of TRL's steps and of ours, largest difference first:
+the whole-step difference taken apart (the profiler slows both, code of many small operations most).
 """
 import os
 import statistics
@@ -44,7 +44,7 @@ from bench import BenchConfig, random_examples, setup  # noqa: E402
 @dataclass
 class TrlBenchConfig:
     heads: bool = field(default=False, metadata={"help": "time the LM-head part alone (see the docstring)"})
-    profile: bool = field(default=False, metadata={"help": "profile one step of each: where the time difference is"})
+    profile: bool = field(default=False, metadata={"help": "profile --steps steps of each: where the time difference is"})
 
 
 def time_heads(cfg, model, examples, device):
@@ -95,7 +95,7 @@ def profile_steps(steps, n):
     from torch.profiler import ProfilerActivity, profile
 
     per_op, totals = {}, {}
-    for i in range(n):
+    for _ in range(n):
         for name, fn in steps.items():
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 t0 = time.perf_counter()
