@@ -29,7 +29,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import HfArgumentParser
 
 import ganpo
-from train import fail
+import loading
+import scaleout
+from loading import fail
 
 
 @dataclass
@@ -146,35 +148,37 @@ def random_examples(vocab_size, pairs, max_length, seed):
 def setup(cfg, arms):
     """Models, optimizers, one random batch; -> (step(arm), info). Discriminators only if "ganpo" in arms."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    use_bf16, autocast = ganpo.precision(device, cfg.dtype)
+    use_bf16, autocast = scaleout.precision(device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     try:
-        tokenizer = ganpo.load_tokenizer(cfg.model)
-        policy = ganpo.load_policy(cfg.model, tokenizer, cfg.seed, cfg.vocab_size or None,
+        tokenizer = loading.load_tokenizer(cfg.model)
+        policy = loading.load_policy(cfg.model, tokenizer, cfg.seed, cfg.vocab_size or None,
                                    dtype=torch.bfloat16 if cfg.lora_r and use_bf16 else torch.float32).to(device)
         if cfg.lora_r:  # as train.py: adapters on a frozen base, the reference = the base (no copy)
-            policy = ganpo.add_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+            policy = scaleout.add_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     except ValueError as e:
         fail(str(e))
-    ref = ganpo.make_reference(policy)
+    ref = (scaleout.AdaptersOff(policy, ganpo.forward_logps_and_hidden) if cfg.lora_r  # LoRA
+           else ganpo.make_reference(policy))
     if cfg.gradient_checkpointing:
-        ganpo.enable_checkpointing(policy)
+        scaleout.enable_checkpointing(policy)
     policy.train()
     examples = random_examples(policy.config.vocab_size, cfg.batch_size, cfg.max_length, cfg.seed)
     P = len(examples[0]["prompt"])
-    batch = {k: v.to(device) for k, v in ganpo.collate(examples, tokenizer.pad_token_id).items()}
+    batch = {k: v.to(device) for k, v in loading.collate(examples, tokenizer.pad_token_id).items()}
     policy_opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)  # a real step
     discs, disc_opt = None, None
     if "ganpo" in arms:
-        discs = ganpo.build_discriminators(policy.config.hidden_size, d_disc=cfg.disc_dim, n_layers=cfg.disc_layers,
-                                           n_heads=cfg.disc_heads).to(device)
+        discs = ganpo.build_discriminators(policy.config.hidden_size, ganpo.GANPOConfig(
+            disc_dim=cfg.disc_dim, disc_layers=cfg.disc_layers, disc_heads=cfg.disc_heads)).to(device)
         disc_opt = torch.optim.AdamW(discs.parameters(), lr=5e-7, weight_decay=0.01)
         if cfg.disc_attention_dropout >= 0:  # on CPU no fused attention kernel takes dropout: measure what it costs
             for layer in [layer for d in discs.values() for layer in d.encoder.layers]:
                 layer.self_attn.dropout = cfg.disc_attention_dropout
     chunk = cfg.logits_chunk or 10 ** 12
-    loss_cfgs = {"dpo": ganpo.LossConfig(adv_weight=0, logits_chunk=chunk),
-                 "ganpo": ganpo.LossConfig(adv_weight=cfg.adv_weight, disc_tokens=cfg.disc_tokens, logits_chunk=chunk)}
+    loss_cfgs = {"dpo": ganpo.GANPOConfig(adv_weight=0, logits_chunk=chunk),
+                 "ganpo": ganpo.GANPOConfig(adv_weight=cfg.adv_weight, disc_tokens=cfg.disc_tokens,
+                                            logits_chunk=chunk)}
     ema = {}
 
     def step(arm):
@@ -315,21 +319,21 @@ def main():
         device = "cuda" if torch.cuda.is_available() else "cpu"
         # bf16 only at 512: where there are no bf16 matrix units one 2048 x 2048 bf16 matmul takes minutes
         for dtype, n in (("fp32", 2048), ("fp32", 512), ("bf16", 512)):
-            rate = matmul_rate(device, ganpo.precision(device, dtype)[1], n=n)
+            rate = matmul_rate(device, scaleout.precision(device, dtype)[1], n=n)
             print(f"{device} ({torch.get_num_threads()} threads): {n} x {n} matmul, "
                   f"{'bf16 autocast' if dtype == 'bf16' else 'fp32'}: {rate / 1e9:.2f} GFLOP/s")
         return
     if cfg.only:  # child: one update alone; peak over a warm-up step (optimizer state appears) and one more
         step, device, _ = setup(cfg, [cfg.only])
-        ganpo.reset_peak_memory(device)
+        scaleout.reset_peak_memory(device)
         step(cfg.only)
         step(cfg.only)
-        print(json.dumps({"peak_bytes": ganpo.peak_memory_bytes(device)}))
+        print(json.dumps({"peak_bytes": scaleout.peak_memory_bytes(device)}))
         return
 
     step, device, info = setup(cfg, ["dpo", "ganpo"])
     arms = ("dpo", "ganpo")
-    rate = matmul_rate(device, ganpo.precision(device, cfg.dtype)[1])
+    rate = matmul_rate(device, scaleout.precision(device, cfg.dtype)[1])
     flops = {}
     for arm in arms:  # warm-up, counting FLOPs
         with FlopCounterMode(display=False) as counter:

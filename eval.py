@@ -17,6 +17,7 @@ as train.py built it. Per split it reports
     distinct-2, share of degenerate (looping) samples, and a sampled estimate of the KL between
     the policy and the reference, both tempered to T (the two distributions sampled at T).
 """
+import dataclasses
 import json
 import math
 import os
@@ -29,15 +30,12 @@ import torch
 from transformers import HfArgumentParser
 
 import ganpo
+import loading
+import scaleout
+from loading import fail
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # evaluation runs in float32 throughout
 START = time.time()
-
-
-def fail(message):
-    """One clear line and a non-zero exit, no traceback wall."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def progress(message):
@@ -184,7 +182,7 @@ def sequence_logps(model, tokenizer, prompts, completion_ids, temperature, batch
                             add_special_tokens=False)["input_ids"] for p in prompts]
     out = []
     for i in range(0, len(prompts), batch_size):
-        batch = ganpo.pad_right(prompt_ids[i:i + batch_size], completion_ids[i:i + batch_size], tokenizer.pad_token_id)
+        batch = loading.pad_right(prompt_ids[i:i + batch_size], completion_ids[i:i + batch_size], tokenizer.pad_token_id)
         logps, _, _ = ganpo.forward_logps_and_hidden(model, {k: v.to(DEVICE) for k, v in batch.items()},
                                                      temperature=temperature)
         out += logps.tolist()
@@ -216,42 +214,41 @@ def evaluate_run(run, cfg, score):
         fail(f"{run}: no run_config.json (not a train.py output folder)")
     with open(path) as f:
         train_cfg = json.load(f)
-    tokenizer = ganpo.load_tokenizer(train_cfg["model"])
+    tokenizer = loading.load_tokenizer(train_cfg["model"])
     # the reference is the base model as train.py built it, a frozen copy (a LoRA run's: the base, no adapter)
-    base = ganpo.load_policy(train_cfg["model"], tokenizer, train_cfg["seed"])
+    base = loading.load_policy(train_cfg["model"], tokenizer, train_cfg["seed"])
     ref = ganpo.make_reference(base).to(DEVICE)
     try:
         if os.path.isfile(os.path.join(run, "adapter_config.json")):  # a LoRA run: its base + the adapter, merged
-            policy = ganpo.load_adapter(base, run)  # merged into the base itself; ref is the copy taken before
+            policy = scaleout.load_adapter(base, run)  # merged into the base itself; ref is the copy taken before
         else:
             from transformers import AutoModelForCausalLM
             policy = AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32)
         del base  # a full fine-tuning run's base is no longer needed (a LoRA run's is the policy now)
-        policy = ganpo.disable_dropout(policy).eval().to(DEVICE)
+        policy = loading.disable_dropout(policy).eval().to(DEVICE)
     except ImportError:
         fail(f"{run}: a LoRA run; loading its adapter needs peft: pip install peft")
     except (OSError, ValueError) as e:
         fail(f"{run}: cannot load the saved policy ({type(e).__name__})")
-    loss_cfg = ganpo.LossConfig(loss=train_cfg["loss"], beta=train_cfg["beta"], gamma=train_cfg["gamma"],
-                                label_smoothing=train_cfg["label_smoothing"], adv_weight=train_cfg["adv_weight"],
-                                disc_tokens=train_cfg.get("disc_tokens", "all"))
-    discs = load_discriminators(run, train_cfg, policy.config.hidden_size)
+    names = {f.name for f in dataclasses.fields(ganpo.GANPOConfig)}  # the run's objective
+    method = ganpo.GANPOConfig(**{k: v for k, v in train_cfg.items() if k in names})
+    discs = load_discriminators(run, method, policy.config.hidden_size)
     data = cfg.data or train_cfg["data"]
     result = {"run": run, "train_config": train_cfg, "splits": {}}
     for split in [s for s in cfg.split.split(",") if s]:
         try:
-            rows = ganpo.read_rows(data, split)
+            rows = loading.read_rows(data, split)
         except ValueError as e:
             fail(str(e))
         rows = rows[:cfg.limit] if cfg.limit else rows
-        examples, dropped = ganpo.tokenize_rows(rows, tokenizer, train_cfg["max_length"], train_cfg["max_prompt_length"])
+        examples, dropped = loading.tokenize_rows(rows, tokenizer, train_cfg["max_length"], train_cfg["max_prompt_length"])
         if not examples:
             fail(f"--data {data} [{split}]: no pairs left after truncation")
         batches = [{k: v.to(DEVICE) for k, v in b.items()}
-                   for b in ganpo.batches_of(examples, cfg.batch_size, tokenizer.pad_token_id)]
+                   for b in loading.batches_of(examples, cfg.batch_size, tokenizer.pad_token_id)]
         progress(f"{run} [{split}]: preferences, latent drift{' and discriminators' if discs else ''} "
                  f"on {len(examples)} pairs")
-        prefs, latents = ganpo.evaluate(policy, ref, batches, loss_cfg, nullcontext, latents=True, discs=discs)
+        prefs, latents = ganpo.evaluate(policy, ref, batches, method, nullcontext, latents=True, discs=discs)
         latents = {k: v.cpu() for k, v in latents.items()}
         split_result = {"pairs": len(examples), "dropped": dropped, **prefs, **latent_drift(latents, cfg.seed),
                         "generation": {}}
@@ -264,20 +261,19 @@ def evaluate_run(run, cfg, score):
     return result
 
 
-def load_discriminators(run, train_cfg, d_model):
+def load_discriminators(run, method, d_model):
     """The trained discriminators from RUN/checkpoint.pt, in eval mode, or None (DPO runs have none).
     mmap: only the discriminators' tensors are read from the checkpoint, not the policy's."""
     path = os.path.join(run, "checkpoint.pt")
-    if not os.path.isfile(path) or train_cfg["adv_weight"] == 0:
+    if not os.path.isfile(path) or method.adv_weight == 0:
         return None
     try:
-        state = ganpo.load_checkpoint(path)
+        state = loading.load_checkpoint(path)
     except ValueError as e:
         fail(str(e))
     if state.get("discs") is None:
         return None
-    discs = ganpo.build_discriminators(d_model, d_disc=train_cfg["disc_dim"], n_layers=train_cfg["disc_layers"],
-                                       n_heads=train_cfg["disc_heads"])
+    discs = ganpo.build_discriminators(d_model, method)
     discs.load_state_dict(state["discs"])
     return discs.to(DEVICE).eval()
 
@@ -325,8 +321,7 @@ def pyplot():
 
 def save(fig, path):
     """Write the PNG whole or not at all."""
-    fig.savefig(path + ".tmp", dpi=100, format="png")
-    os.replace(path + ".tmp", path)
+    loading.write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     print(f"plot: {path}")
 
 
@@ -431,9 +426,7 @@ def main():
     progress("done")
     print_table(results)
     out = cfg.out or (os.path.join(cfg.runs[0], "eval.json") if len(cfg.runs) == 1 else "eval.json")
-    with open(out + ".tmp", "w") as f:
-        json.dump({"settings": asdict(cfg), "results": results}, f, indent=1)
-    os.replace(out + ".tmp", out)
+    loading.write_text(out, json.dumps({"settings": asdict(cfg), "results": results}, indent=1))
     print(f"\nwrote {out}")
     plot(results, cfg.plot or os.path.splitext(out)[0] + ".png")
 

@@ -19,6 +19,8 @@ from contextlib import nullcontext
 from safetensors.torch import load_file
 
 import ganpo
+import loading
+import scaleout
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -26,9 +28,12 @@ TINY_FLAGS = ["--model", "tiny", "--disc_dim", "32", "--disc_heads", "2", "--max
               "--max_prompt_length", "40", "--batch_size", "4", "--log_every", "1"]
 
 
+SMALL_D = ganpo.GANPOConfig(disc_dim=32, disc_heads=2)  # discriminators to match the tiny model
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
-    return ganpo.load_tokenizer("tiny")
+    return loading.load_tokenizer("tiny")
 
 
 def make_rows(n, seed=0):
@@ -48,12 +53,12 @@ def data_file(tmp_path_factory):
 
 
 def tiny_policy(tokenizer, seed=0):
-    return ganpo.load_policy("tiny", tokenizer, seed)
+    return loading.load_policy("tiny", tokenizer, seed)
 
 
 def batch_of(tokenizer, rows, max_length=64):
-    examples, _ = ganpo.tokenize_rows(rows, tokenizer, max_length, 40)
-    return ganpo.collate(examples, tokenizer.pad_token_id)
+    examples, _ = loading.tokenize_rows(rows, tokenizer, max_length, 40)
+    return loading.collate(examples, tokenizer.pad_token_id)
 
 
 # ---------------------------------------------------------------------------------------- losses
@@ -133,7 +138,7 @@ def test_discriminator_loss_splits_into_its_two_pairs_with_their_accuracies_by_h
     fake = {"chosen": latents([1.0, 1.0]), "rejected": latents([0.0, 3.0])}
     mask = {k: torch.ones(2, 2, dtype=torch.bool) for k in ("chosen", "rejected")}
     ema = {}
-    m = ganpo.discriminator_pass(discs, real, fake, mask, ganpo.LossConfig(), ema, 1, nullcontext)
+    m = ganpo.discriminator_backward(discs, real, fake, mask, ganpo.GANPOConfig(), ema, 1, nullcontext)
     # D_w: a = [2, 0], f = [1, 1], n = [−1, 0.5]; first running means = batch means: m̄_a = 1, m̄_f = 1, m̄_n = −0.25
     rf = 0.5 * ((bce(2 - 1, 1) + bce(0 - 1, 1)) / 2 + (bce(1 - 1, 0) + bce(1 - 1, 0)) / 2)
     ct = 0.5 * ((bce(1 + 0.25, 1) + bce(1 + 0.25, 1)) / 2 + (bce(-1 - 1, 0) + bce(0.5 - 1, 0)) / 2)
@@ -152,12 +157,13 @@ def test_discriminator_loss_splits_into_its_two_pairs_with_their_accuracies_by_h
     assert discs["chosen"].w.grad is not None  # quad trains D
     # ragan: the loss is the real/fake pair alone; the contrastive pair is still logged
     discs.zero_grad()
-    m = ganpo.discriminator_pass(discs, real, fake, mask, ganpo.LossConfig(disc_loss="ragan"), {}, 1, nullcontext)
+    m = ganpo.discriminator_backward(discs, real, fake, mask, ganpo.GANPOConfig(disc_loss="ragan"), {}, 1, nullcontext)
     assert m["disc/chosen/loss"].item() == pytest.approx(rf, rel=1e-6)
     assert m["disc/chosen/contrast_loss"].item() == pytest.approx(ct, rel=1e-6)
     # frozen: same figures, no gradient, eval mode
     discs.zero_grad()
-    m = ganpo.discriminator_pass(discs, real, fake, mask, ganpo.LossConfig(disc_frozen=True), {}, 1, nullcontext)
+    m = ganpo.discriminator_backward(discs, real, fake, mask, ganpo.GANPOConfig(), {}, 1, nullcontext,
+                                    learn=False)
     assert m["disc/chosen/loss"].item() == pytest.approx((rf + ct) / 2, rel=1e-6)
     assert discs["chosen"].w.grad is None and not discs.training
 
@@ -171,7 +177,7 @@ def test_auc_counts_ties_as_half_and_a_feature_scoring_discriminator_gets_its_ha
         policy.model.norm.weight[0] += 0.5  # feature 0 of the policy's latents moves
     batch = batch_of(tokenizer, make_rows(6))
     discs = torch.nn.ModuleDict({"chosen": FeatureScore(1.0), "rejected": FeatureScore(-1.0)})
-    result = ganpo.evaluate(policy, ref, [batch], ganpo.LossConfig(), nullcontext, discs=discs)
+    result = ganpo.evaluate(policy, ref, [batch], ganpo.GANPOConfig(), nullcontext, discs=discs)
     with torch.no_grad():
         feat = {name: ganpo.mean_pool(ganpo.forward_logps_and_hidden(m, batch)[2][..., :1], batch["attention_mask"])[:, 0]
                 for name, m in (("policy", policy), ("ref", ref))}
@@ -227,12 +233,12 @@ def test_standard_rows_score_an_appended_eos_even_though_pad_is_eos(tokenizer):
 
 def test_truncation_keeps_prompt_end_then_cuts_completion_and_drops_empty_rows(tokenizer):
     row = {"prompt": "one two three four five six seven eight nine ten", "chosen": " yes indeed", "rejected": " no"}
-    ex = ganpo.tokenize_row(row, tokenizer, max_length=8, max_prompt_length=5)
+    ex = loading.tokenize_row(row, tokenizer, max_length=8, max_prompt_length=5)
     full_prompt = tokenizer(row["prompt"])["input_ids"]
     assert ex["prompt"] == full_prompt[-5:]  # the prompt's end survives
     assert len(ex["prompt"]) + len(ex["chosen"]) <= 8 and len(ex["chosen"]) == 3  # " yes indeed" + EOS fits
-    assert ganpo.tokenize_row(row, tokenizer, max_length=5, max_prompt_length=5) is None  # no room left
-    kept, dropped = ganpo.tokenize_rows([row, row], tokenizer, 5, 5)
+    assert loading.tokenize_row(row, tokenizer, max_length=5, max_prompt_length=5) is None  # no room left
+    kept, dropped = loading.tokenize_rows([row, row], tokenizer, 5, 5)
     assert kept == [] and dropped == 2
 
 
@@ -240,7 +246,7 @@ def test_implicit_prompt_rows_are_split_at_the_last_shared_message():
     conv = [{"role": "user", "content": "hi"}]
     row = {"chosen": conv + [{"role": "assistant", "content": "hello!"}],
            "rejected": conv + [{"role": "assistant", "content": "go away"}]}
-    ganpo.check_row(row, "x")
+    loading.check_row(row, "x")
     assert row["prompt"] == conv and row["chosen"] == [{"role": "assistant", "content": "hello!"}]
 
 
@@ -287,7 +293,7 @@ def test_a_rows_logps_and_discriminator_score_do_not_change_when_batched_with_a_
 def test_dpo_loss_is_ln2_and_rewards_zero_at_step_0(tokenizer):
     policy = tiny_policy(tokenizer)
     ref = ganpo.make_reference(policy)
-    m = ganpo.evaluate(policy, ref, [batch_of(tokenizer, make_rows(4))], ganpo.LossConfig(), nullcontext)
+    m = ganpo.evaluate(policy, ref, [batch_of(tokenizer, make_rows(4))], ganpo.GANPOConfig(), nullcontext)
     assert m["opo/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert m["rewards/chosen"] == 0 and m["rewards/rejected"] == 0 and m["rewards/accuracies"] == 0
 
@@ -298,7 +304,7 @@ def setup_models(tokenizer, adv_weight=1.0, lr=1e-3):
     torch.manual_seed(0)
     policy = tiny_policy(tokenizer)
     ref = ganpo.make_reference(policy)
-    discs = ganpo.build_discriminators(policy.config.hidden_size, d_disc=32, n_heads=2) if adv_weight > 0 else None
+    discs = ganpo.build_discriminators(policy.config.hidden_size, SMALL_D) if adv_weight > 0 else None
     popt = torch.optim.AdamW(policy.parameters(), lr=lr)
     dopt = torch.optim.AdamW(discs.parameters(), lr=lr) if discs is not None else None
     return policy, ref, discs, popt, dopt
@@ -306,7 +312,7 @@ def setup_models(tokenizer, adv_weight=1.0, lr=1e-3):
 
 def test_discriminator_loss_sends_no_gradient_to_the_policy_and_generator_loss_none_to_discriminators(tokenizer):
     policy, ref, discs, _, _ = setup_models(tokenizer)
-    cfg = ganpo.LossConfig(adv_weight=1.0)
+    cfg = ganpo.GANPOConfig(adv_weight=1.0)
     batch = batch_of(tokenizer, make_rows(4))
     disc_state = {k: v.clone() for k, v in discs.state_dict().items()}  # incl. spectral-norm power-iteration vectors
     torch.manual_seed(1)
@@ -357,12 +363,12 @@ def test_an_optimizer_step_of_each_side_changes_only_its_own_weights(tokenizer):
     p0 = {n: p.detach().clone() for n, p in policy.named_parameters()}
     d0 = {n: p.detach().clone() for n, p in discs.named_parameters()}
     frozen_policy_opt = torch.optim.SGD(policy.parameters(), lr=0.0)  # step D only
-    ganpo.ganpo_step(policy, ref, discs, frozen_policy_opt, dopt, [batch], ganpo.LossConfig(), {}, nullcontext)
+    ganpo.ganpo_step(policy, ref, discs, frozen_policy_opt, dopt, [batch], ganpo.GANPOConfig(), {}, nullcontext)
     assert all(torch.equal(p, p0[n]) for n, p in policy.named_parameters())
     assert any(not torch.equal(p, d0[n]) for n, p in discs.named_parameters())
     d1 = {n: p.detach().clone() for n, p in discs.named_parameters()}
     frozen_disc_opt = torch.optim.SGD(discs.parameters(), lr=0.0)  # step the policy only
-    ganpo.ganpo_step(policy, ref, discs, popt, frozen_disc_opt, [batch], ganpo.LossConfig(), {}, nullcontext)
+    ganpo.ganpo_step(policy, ref, discs, popt, frozen_disc_opt, [batch], ganpo.GANPOConfig(), {}, nullcontext)
     assert all(torch.equal(p, d1[n]) for n, p in discs.named_parameters())
     assert any(not torch.equal(p, p0[n]) for n, p in policy.named_parameters())
     assert all(p.grad is None for p in list(policy.parameters()) + list(discs.parameters()))  # grads zeroed
@@ -374,7 +380,7 @@ def test_adv_weight_zero_gives_the_same_weights_as_a_plain_dpo_step(tokenizer):
     assert discs is None
     batch = batch_of(tokenizer, make_rows(4))
     popt = torch.optim.SGD(policy.parameters(), lr=1.0)
-    ganpo.ganpo_step(policy, ref, None, popt, None, [batch], ganpo.LossConfig(adv_weight=0), {}, nullcontext)
+    ganpo.ganpo_step(policy, ref, None, popt, None, [batch], ganpo.GANPOConfig(adv_weight=0), {}, nullcontext)
     # the textbook DPO step, written independently: full logits, log_softmax, gather, mask
     plain, plain_ref, _, _, _ = setup_models(tokenizer, adv_weight=0)
     plain_opt = torch.optim.SGD(plain.parameters(), lr=1.0)
@@ -401,7 +407,7 @@ def test_adv_weight_zero_gives_the_same_weights_as_a_plain_dpo_step(tokenizer):
 def test_gradient_accumulation_over_two_half_batches_matches_one_full_batch(tokenizer, adv_weight):
     rows = make_rows(4)
     rows[0]["chosen"][0]["content"] = "A far longer chosen answer, so the halves pad to different lengths."
-    cfg = ganpo.LossConfig(adv_weight=adv_weight)
+    cfg = ganpo.GANPOConfig(adv_weight=adv_weight)
     full, ref, _, _, _ = setup_models(tokenizer, adv_weight)
     opt_full = torch.optim.SGD(full.parameters(), lr=1.0)
     m_full = ganpo.ganpo_step(full, ref, None, opt_full, None, [batch_of(tokenizer, rows)], cfg, {}, nullcontext,
@@ -533,7 +539,11 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, data_file, trained_r
 # ------------------------------------------------------------------- LoRA: the reference is the base
 
 def lora_policy(tokenizer, r=4, dropout=0.1):
-    return ganpo.add_lora(tiny_policy(tokenizer), r=r, alpha=8, dropout=dropout)
+    return scaleout.add_lora(tiny_policy(tokenizer), r=r, alpha=8, dropout=dropout)
+
+
+def lora_reference(policy):
+    return scaleout.AdaptersOff(policy, ganpo.forward_logps_and_hidden)  # as train.py builds it
 
 
 def base_weights(policy):
@@ -541,10 +551,10 @@ def base_weights(policy):
 
 
 def lora_steps(policy, ref, tokenizer, n, adv_weight=0.0, lr=1e-2, autocast=nullcontext):
-    discs = ganpo.build_discriminators(64, d_disc=32, n_heads=2) if adv_weight else None
+    discs = ganpo.build_discriminators(64, SMALL_D) if adv_weight else None
     popt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr)
     dopt = torch.optim.AdamW(discs.parameters(), lr=lr) if discs is not None else None
-    cfg, ema = ganpo.LossConfig(adv_weight=adv_weight), {}
+    cfg, ema = ganpo.GANPOConfig(adv_weight=adv_weight), {}
     return [ganpo.ganpo_step(policy, ref, discs, popt, dopt, [batch_of(tokenizer, make_rows(4, seed=i))], cfg, ema,
                              autocast) for i in range(n)]
 
@@ -552,20 +562,20 @@ def lora_steps(policy, ref, tokenizer, n, adv_weight=0.0, lr=1e-2, autocast=null
 @pytest.mark.parametrize("bf16", [False, True])
 def test_lora_step_0_has_zero_rewards_and_ln2_loss_and_the_reference_is_no_copy(tokenizer, bf16):
     if bf16:  # as train.py --lora_r --dtype bf16: a bf16 base under bf16 autocast, float32 adapters
-        policy = ganpo.add_lora(ganpo.load_policy("tiny", tokenizer, 0, dtype=torch.bfloat16), r=4, alpha=8, dropout=0.1)
+        policy = scaleout.add_lora(loading.load_policy("tiny", tokenizer, 0, dtype=torch.bfloat16), r=4, alpha=8, dropout=0.1)
     else:
         policy = lora_policy(tokenizer)
-    ref = ganpo.make_reference(policy)
-    assert isinstance(ref, ganpo.AdaptersOff) and list(ref.parameters()) == []  # no second model
+    ref = lora_reference(policy)
+    assert isinstance(ref, scaleout.AdaptersOff) and list(ref.parameters()) == []  # no second model
     policy.train()  # LoRA dropout on in the policy's forward: the adapters still add exactly 0 at step 0
-    m = lora_steps(policy, ref, tokenizer, 1, autocast=ganpo.precision("cpu", "bf16" if bf16 else "fp32")[1])[0]
+    m = lora_steps(policy, ref, tokenizer, 1, autocast=scaleout.precision("cpu", "bf16" if bf16 else "fp32")[1])[0]
     assert m["opo/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert m["rewards/chosen"] == 0 and m["rewards/rejected"] == 0
 
 
 def test_lora_trains_only_the_adapters_and_the_reference_never_moves(tokenizer):
     policy = lora_policy(tokenizer)
-    ref = ganpo.make_reference(policy)
+    ref = lora_reference(policy)
     trainable = {k for k, p in policy.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in k for k in trainable)
     batch = batch_of(tokenizer, make_rows(6, seed=50))
@@ -592,9 +602,9 @@ def test_lora_gradients_are_the_same_with_gradient_checkpointing(tokenizer):
         torch.manual_seed(0)
         policy = lora_policy(tokenizer, dropout=0.0)
         if checkpointing:
-            ganpo.enable_checkpointing(policy)
+            scaleout.enable_checkpointing(policy)
         policy.train()
-        lora_steps(policy, ganpo.make_reference(policy), tokenizer, 2, adv_weight=1.0)
+        lora_steps(policy, lora_reference(policy), tokenizer, 2, adv_weight=1.0)
         weights.append({k: p.detach().clone() for k, p in policy.named_parameters() if p.requires_grad})
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
 
@@ -679,7 +689,7 @@ def test_dpo_on_two_processes_equals_one_process_on_the_same_global_batch(tmp_pa
     r = run_torchrun([*flags, "--output_dir", str(two)])
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
-    initial = ganpo.load_policy("tiny", ganpo.load_tokenizer("tiny"), 0).state_dict()
+    initial = loading.load_policy("tiny", loading.load_tokenizer("tiny"), 0).state_dict()
     assert max_abs_diff(a, {k: initial[k] for k in a}) > 1e-3  # it trained
     assert max_abs_diff(a, b) < 1e-5
     ra, rb = train_records(one), train_records(two)
@@ -697,9 +707,9 @@ def test_ganpo_on_two_processes_keeps_identical_replicas_and_matches_one_process
     state = torch.load(two_process_run[0] / "checkpoint.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["replicas"]) == 2
     assert state["replicas"][0] == state["replicas"][1]
-    discs = ganpo.build_discriminators(64, d_disc=32, n_heads=2)
+    discs = ganpo.build_discriminators(64, SMALL_D)
     discs.load_state_dict(state["discs"])
-    assert state["replicas"][0] == ganpo.replica_fingerprint(discs, state["ema"])  # the hash is of these weights
+    assert state["replicas"][0] == scaleout.replica_fingerprint(discs, state["ema"])  # the hash is of these weights
     initial = {f"{s}.{k}": v for s, d in state["discs_init"].items() for k, v in d.items()}  # parameters only
     assert max_abs_diff({k: state["discs"][k] for k in initial}, initial) > 1e-4  # and they did learn
     # without dropout, 2 processes compute what 1 process computes on the same global batch
@@ -810,7 +820,7 @@ def test_a_checkpoint_holding_more_than_tensors_is_refused_with_one_line_and_lef
     assert (out / "checkpoint.pt").read_bytes() == before
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read it as a torch checkpoint"):
-        ganpo.load_checkpoint(str(out / "checkpoint.pt"))
+        loading.load_checkpoint(str(out / "checkpoint.pt"))
 
 
 @pytest.mark.parametrize("flags, message", [(["--disc_loss", "wgan"], "--disc_loss wgan: expected quad or ragan"),
@@ -840,15 +850,15 @@ def test_label_noise_swaps_a_seeded_fraction_of_training_pairs(untrained_run):
 def test_bundled_data_has_the_promised_splits_counts_and_gaps():
     counts, cats = {}, {}
     for split in ("train", "test", "shift"):
-        rows = ganpo.read_rows("bundled", split)
+        rows = loading.read_rows("bundled", split)
         counts[split] = len(rows)
         cats[split] = {r["category"] for r in rows}
         assert all(r["score_chosen"] - r["score_rejected"] >= 0.5 for r in rows)
     assert counts["train"] >= 1000 and counts["test"] >= 200 and counts["shift"] >= 200
     assert len(cats["train"]) >= 8 and cats["test"] <= cats["train"]
     assert len(cats["shift"]) >= 2 and not cats["shift"] & cats["train"]
-    train_prompts = {r["prompt"][0]["content"] for r in ganpo.read_rows("bundled", "train")}
-    assert not train_prompts & {r["prompt"][0]["content"] for r in ganpo.read_rows("bundled", "test")}
+    train_prompts = {r["prompt"][0]["content"] for r in loading.read_rows("bundled", "train")}
+    assert not train_prompts & {r["prompt"][0]["content"] for r in loading.read_rows("bundled", "test")}
 
 
 # ------------------------------------------------------------------------------------ eval.py
@@ -874,7 +884,7 @@ def test_probe_and_kl_detect_a_deliberately_shifted_policy(tokenizer):
         policy.model.norm.weight.mul_(1.5)  # scale the final norm: latents move, logits sharpen
         policy.model.norm.weight.add_(0.3 * torch.randn_like(policy.model.norm.weight))
     batch = batch_of(tokenizer, make_rows(16))
-    _, latents = ganpo.evaluate(policy, ref, [batch], ganpo.LossConfig(), nullcontext, latents=True)
+    _, latents = ganpo.evaluate(policy, ref, [batch], ganpo.GANPOConfig(), nullcontext, latents=True)
     drift = ev.latent_drift(latents, seed=0)
     assert drift["latent/probe_accuracy"] > 0.9 and drift["latent/mmd2"] > 0.01
     cfg = ev.EvalConfig(samples=2, max_new_tokens=8)
@@ -945,7 +955,7 @@ def test_generation_is_reproducible_for_a_fixed_seed(tokenizer):
 
 def test_a_token_merged_across_the_prompt_boundary_moves_to_the_completion(tokenizer):
     row = {"prompt": "I really like pizz", "chosen": "a with olives", "rejected": "as and pasta"}
-    ex = ganpo.tokenize_row(row, tokenizer, 128, 64)
+    ex = loading.tokenize_row(row, tokenizer, 128, 64)
     prompt_ids = tokenizer(row["prompt"])["input_ids"]
     assert ex["boundary_merged"] and ex["prompt"] == prompt_ids[:len(ex["prompt"])] and len(ex["prompt"]) < len(prompt_ids)
     for k in ("chosen", "rejected"):  # the scored sequence is exactly tokens(prompt + completion + EOS)
@@ -980,9 +990,9 @@ def test_chunked_logps_equal_unchunked_and_simpo_ipo_use_length_averaged_logps(t
     b, _, _ = ganpo.forward_logps_and_hidden(policy, batch, chunk_tokens=10_000)
     torch.testing.assert_close(a, b)
     ref = a.detach() - 1.0
-    simpo = ganpo.opo_loss(ganpo.LossConfig(loss="simpo", beta=2.0, gamma=0.5), a, ref, n)
+    simpo = ganpo.opo_loss(ganpo.GANPOConfig(loss="simpo", beta=2.0, gamma=0.5), a, ref, n)
     torch.testing.assert_close(simpo, ganpo.simpo_loss(a[:2] / n[:2], a[2:] / n[2:], 2.0, 0.5))
-    ipo = ganpo.opo_loss(ganpo.LossConfig(loss="ipo", beta=0.1), a, ref, n)
+    ipo = ganpo.opo_loss(ganpo.GANPOConfig(loss="ipo", beta=0.1), a, ref, n)
     torch.testing.assert_close(ipo, ganpo.ipo_loss(a[:2] / n[:2], a[2:] / n[2:], ref[:2] / n[:2], ref[2:] / n[2:], 0.1))
 
 
@@ -992,7 +1002,7 @@ def test_reference_is_frozen_and_the_discriminators_step_once_per_optimizer_step
     rows = make_rows(4)
     ema = {}
     ganpo.ganpo_step(policy, ref, discs, popt, dopt, [batch_of(tokenizer, rows[:2]), batch_of(tokenizer, rows[2:])],
-                     ganpo.LossConfig(), ema, nullcontext)
+                     ganpo.GANPOConfig(), ema, nullcontext)
     assert {int(s["step"]) for s in dopt.state.values()} == {1}  # two micro-batches, one discriminator step
     assert {int(s["step"]) for s in popt.state.values()} == {1}
     assert set(ema) == set(ganpo.EMA_KEYS)
@@ -1005,7 +1015,7 @@ def test_disc_steps_2_takes_exactly_two_discriminator_optimizer_steps_per_policy
     dopt.register_step_post_hook(lambda opt, args, kwargs: calls.append(1))
     for _ in range(2):
         ganpo.ganpo_step(policy, ref, discs, popt, dopt, [batch_of(tokenizer, rows[:2]), batch_of(tokenizer, rows[2:])],
-                         ganpo.LossConfig(disc_steps=2), {}, nullcontext)
+                         ganpo.GANPOConfig(disc_steps=2), {}, nullcontext)
     assert len(calls) == 4  # 2 policy steps x 2 discriminator steps, whatever the micro-batches
     assert {int(s["step"]) for s in dopt.state.values()} == {4}
     assert {int(s["step"]) for s in popt.state.values()} == {2}
@@ -1018,7 +1028,7 @@ def test_frozen_discriminators_keep_their_initial_weights_bit_for_bit_while_the_
     ema = {}
     for _ in range(3):
         m = ganpo.ganpo_step(policy, ref, discs, popt, None, [batch_of(tokenizer, make_rows(4))],
-                             ganpo.LossConfig(disc_frozen=True), ema, nullcontext)
+                             ganpo.GANPOConfig(), ema, nullcontext)
     assert all(torch.equal(v, d0[k]) for k, v in discs.state_dict().items())
     assert all(p.grad is None for p in discs.parameters()) and "disc/grad_norm" not in m
     assert m["gen/loss"] > 0 and any(not torch.equal(p, p0[n]) for n, p in policy.named_parameters())
@@ -1034,17 +1044,17 @@ def test_step_flops_formula_matches_the_flops_torch_counts(tokenizer, checkpoint
     from torch.utils.flop_counter import FlopCounterMode
     policy, ref, discs, popt, dopt = setup_models(tokenizer)
     if checkpointing:
-        ganpo.enable_checkpointing(policy)
+        scaleout.enable_checkpointing(policy)
     policy.train()
     P, T, pairs = 8, 40, 2
     g = torch.Generator().manual_seed(0)
     ex = [{k: torch.randint(0, 1000, (n,), generator=g).tolist() for k, n in
            (("prompt", P), ("chosen", T - P), ("rejected", T - P))} for _ in range(pairs)]
-    batch = ganpo.collate(ex, tokenizer.pad_token_id)
+    batch = loading.collate(ex, tokenizer.pad_token_id)
     counted = {}
     for arm, d, opt in (("dpo", None, None), ("ganpo", discs, dopt)):
         with FlopCounterMode(display=False) as counter:
-            ganpo.ganpo_step(policy, ref, d, popt, opt, [batch], ganpo.LossConfig(adv_weight=1.0 if d else 0.0), {},
+            ganpo.ganpo_step(policy, ref, d, popt, opt, [batch], ganpo.GANPOConfig(adv_weight=1.0 if d else 0.0), {},
                              nullcontext)
         counted[arm] = counter.get_total_flops()
     dpo, extra = bench.step_flops(bench.shape_of(policy.config), pairs, T, P, 32, 2, "all", checkpointing)

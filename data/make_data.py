@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import ganpo  # noqa: E402  (the model loader lives in ganpo.py)
+import loading  # noqa: E402  (the model loader)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PER_ROUND = 4  # completions per prompt in one generate() call
@@ -98,11 +98,7 @@ def make_prompts(seed, n_train, n_test, n_shift):
 
 
 def write_jsonl_atomic(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    loading.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def main():
@@ -127,7 +123,7 @@ def main():
                 if line.endswith("\n"):  # a line cut by a crash is resampled
                     r = json.loads(line)
                     done[r["id"]] = r
-    folder = ganpo.smollm2_folder()
+    folder = loading.smollm2_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"  # batched generation needs left padding
     # float32: on these CPUs bf16 generation is ~4x slower (no native bf16 matmul)

@@ -133,9 +133,9 @@ def run_cell(cell, args):
               "metrics": steps, "evals": evals}
     os.makedirs(args.results, exist_ok=True)
     path = os.path.join(args.results, cell["name"] + ".json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)  # the cell counts as done only now
+    sys.path.insert(0, ROOT)
+    import loading  # here, not at the top: --report and --compare need no torch
+    loading.write_text(path, json.dumps(record, indent=1))  # the cell counts as done only now
     if not args.keep_runs:
         shutil.rmtree(run)
     print(f"[{time.strftime('%H:%M:%S')}] {cell['name']}: done in {train_s + eval_s:.0f} s "

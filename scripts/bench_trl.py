@@ -38,6 +38,8 @@ from trl import DPOConfig, DPOTrainer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ganpo  # noqa: E402
+import loading  # noqa: E402
+import scaleout  # noqa: E402
 from bench import BenchConfig, random_examples, setup  # noqa: E402
 
 
@@ -52,7 +54,7 @@ def time_heads(cfg, model, examples, device):
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
-    batch = {k: v.to(device) for k, v in ganpo.collate(examples, 0).items()}
+    batch = {k: v.to(device) for k, v in loading.collate(examples, 0).items()}
     with torch.no_grad():
         hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     scored = batch["completion_mask"][:, 1:]  # position t scores token t+1
@@ -119,13 +121,13 @@ def main():
     cfg, trl_cfg = HfArgumentParser((BenchConfig, TrlBenchConfig)).parse_args_into_dataclasses()
     if trl_cfg.heads:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = ganpo.load_policy(cfg.model, ganpo.load_tokenizer(cfg.model), cfg.seed).to(device)
+        model = loading.load_policy(cfg.model, loading.load_tokenizer(cfg.model), cfg.seed).to(device)
         return time_heads(cfg, model, random_examples(model.config.vocab_size, cfg.batch_size, cfg.max_length, cfg.seed),
                           device)
     our_step, device, _ = setup(cfg, ["dpo"])  # bench.py's DPO update (λ = 0) on its random batch
-    use_bf16, _ = ganpo.precision(device, cfg.dtype)
-    tokenizer = ganpo.load_tokenizer(cfg.model)
-    theirs = ganpo.load_policy(cfg.model, tokenizer, cfg.seed).to(device).train()
+    use_bf16, _ = scaleout.precision(device, cfg.dtype)
+    tokenizer = loading.load_tokenizer(cfg.model)
+    theirs = loading.load_policy(cfg.model, tokenizer, cfg.seed).to(device).train()
     examples = random_examples(theirs.config.vocab_size, cfg.batch_size, cfg.max_length, cfg.seed)  # the same ids
 
     args = DPOConfig(output_dir="/tmp/bench_trl", report_to=[], per_device_train_batch_size=cfg.batch_size,

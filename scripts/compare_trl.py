@@ -16,10 +16,11 @@ from trl import DPOConfig, DPOTrainer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ganpo  # noqa: E402
+import loading  # noqa: E402
 
-tokenizer = ganpo.load_tokenizer("tiny")
-model = ganpo.load_policy("tiny", tokenizer, 0).eval()
-rows = ganpo.read_rows("bundled", "test")[:12]
+tokenizer = loading.load_tokenizer("tiny")
+model = loading.load_policy("tiny", tokenizer, 0).eval()
+rows = loading.read_rows("bundled", "test")[:12]
 conversational = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
 standard = [{"prompt": r["prompt"][0]["content"] + "\n", "chosen": r["chosen"][0]["content"],
              "rejected": r["rejected"][0]["content"]} for r in rows]
@@ -30,11 +31,11 @@ for name, data in [("conversational", conversational), ("standard", standard)]:
     trainer = DPOTrainer(model=model, ref_model=ganpo.make_reference(model), args=args,
                          train_dataset=Dataset.from_list(data), processing_class=tokenizer)
     theirs = trainer.train_dataset
-    ours, _ = ganpo.tokenize_rows([dict(d) for d in data], tokenizer, 10**6, 10**6)
+    ours, _ = loading.tokenize_rows([dict(d) for d in data], tokenizer, 10**6, 10**6)
     same_ids = all(o["prompt"] == t["prompt_ids"] and o["chosen"] == t["chosen_ids"]
                    and o["rejected"] == t["rejected_ids"] for o, t in zip(ours, theirs))
     with torch.no_grad():
-        logps, _, _ = ganpo.forward_logps_and_hidden(model, ganpo.collate(ours, tokenizer.pad_token_id))
+        logps, _, _ = ganpo.forward_logps_and_hidden(model, loading.collate(ours, tokenizer.pad_token_id))
     B = len(ours)
     diff = max((logps[:B] - torch.tensor(theirs["ref_chosen_logps"])).abs().max().item(),
                (logps[B:] - torch.tensor(theirs["ref_rejected_logps"])).abs().max().item())
