@@ -10,6 +10,7 @@ A reader of the method may skip this file. It imports nothing of the project.
   - files: every file is written whole or not at all (`write_atomically`), checkpoints are read
     with weights_only=True.
 """
+import functools
 import importlib.util
 import json
 import os
@@ -84,6 +85,7 @@ def smollm2_folder():
     return cache
 
 
+@functools.lru_cache(maxsize=None)  # read once per process (eval.py reads each run's)
 def load_tokenizer(name):
     folder = smollm2_folder() if name in ("smollm2", "tiny") else name
     try:

@@ -127,8 +127,8 @@ def start_distributed():
     process; without them (python train.py) nothing is initialised: (0, 1, "cuda" or "cpu")."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if world == 1:
-        return 0, 1, device
+    if world == 1 or dist.is_initialized():  # (the tests run several trainings in one process group)
+        return (*rank_and_world(), device)
     if device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" then means this rank's GPU
     dist.init_process_group("nccl" if device == "cuda" else "gloo")

@@ -1,21 +1,27 @@
-"""Tests: CPU only, offline, under two minutes on 2 cores.
+"""Tests: CPU only, offline, about 2 minutes on 2 cores (50 s without the `slow` ones).
 
-    HF_HUB_OFFLINE=1 python -m pytest -q test_ganpo.py
+    HF_HUB_OFFLINE=1 python -m pytest -q test_ganpo.py              # all
+    HF_HUB_OFFLINE=1 python -m pytest -q test_ganpo.py -m "not slow"   # no torchrun, bench, grid
 
 Each test is named for the property it checks. Models are the `tiny` random Llama (with the
 packaged SmolLM2 tokenizer, so chat templates and special tokens are real).
 """
+import contextlib
+import importlib.util
+import io
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import types
+from contextlib import nullcontext
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
-from contextlib import nullcontext
 from safetensors.torch import load_file
 
 import ganpo
@@ -26,7 +32,6 @@ import train
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_FLAGS = ["--model", "tiny", "--disc_dim", "32", "--disc_heads", "2", "--max_length", "64",
               "--max_prompt_length", "40", "--batch_size", "4", "--log_every", "1"]
-
 
 SMALL_D = ganpo.GANPOConfig(disc_dim=32, disc_heads=2)  # discriminators to match the tiny model
 
@@ -61,7 +66,95 @@ def batch_of(tokenizer, rows, max_length=64):
     return loading.collate(examples, tokenizer.pad_token_id)
 
 
-# ---------------------------------------------------------------------------------------- losses
+# -------------------------------------------------------------- ganpo.py: log-probs and latents
+
+@pytest.mark.parametrize("temperature", [1.0, 1.5])  # 1.5: eval.py's tempered KL at T = 1.5
+def test_summed_logps_equal_a_brute_force_loop_over_positions(tokenizer, temperature):
+    policy = tiny_policy(tokenizer)
+    batch = batch_of(tokenizer, make_rows(3))
+    sum_logps, n_tokens, hidden = ganpo.forward_logps_and_hidden(policy, batch, temperature=temperature)
+    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits / temperature
+    for i in range(batch["input_ids"].shape[0]):
+        total, count = 0.0, 0
+        for t in range(1, batch["input_ids"].shape[1]):
+            if batch["completion_mask"][i, t]:  # token t is predicted by the logits at t−1
+                total += torch.log_softmax(logits[i, t - 1].double(), -1)[batch["input_ids"][i, t]].item()
+                count += 1
+        assert sum_logps[i].item() == pytest.approx(total, rel=1e-5)
+        assert n_tokens[i].item() == count
+    assert hidden.shape == (*batch["input_ids"].shape, policy.config.hidden_size)
+    if temperature != 1:  # a different distribution: not the untempered log-probs
+        assert not torch.allclose(sum_logps, ganpo.forward_logps_and_hidden(policy, batch)[0])
+
+
+def test_chunked_logps_equal_unchunked_and_simpo_ipo_use_length_averaged_logps(tokenizer):
+    policy = tiny_policy(tokenizer)
+    batch = batch_of(tokenizer, make_rows(2))
+    a, n, _ = ganpo.forward_logps_and_hidden(policy, batch, chunk_tokens=7)
+    b, _, _ = ganpo.forward_logps_and_hidden(policy, batch, chunk_tokens=10_000)
+    torch.testing.assert_close(a, b)
+    ref = a.detach() - 1.0
+    simpo = ganpo.opo_loss(ganpo.GANPOConfig(loss="simpo", beta=2.0, gamma=0.5), a, ref, n)
+    torch.testing.assert_close(simpo, ganpo.simpo_loss(a[:2] / n[:2], a[2:] / n[2:], 2.0, 0.5))
+    ipo = ganpo.opo_loss(ganpo.GANPOConfig(loss="ipo", beta=0.1), a, ref, n)
+    torch.testing.assert_close(ipo, ganpo.ipo_loss(a[:2] / n[:2], a[2:] / n[2:], ref[:2] / n[:2], ref[2:] / n[2:], 0.1))
+
+
+def test_lm_head_never_sees_more_rows_than_logits_chunk(tokenizer):
+    """A large vocabulary's float32 logits exist one chunk at a time, in the forward and in the backward."""
+    policy = tiny_policy(tokenizer)
+    rows = []
+    policy.get_output_embeddings().register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[0]))
+    batch = batch_of(tokenizer, make_rows(4))
+    logps, n_tokens, _ = ganpo.forward_logps_and_hidden(policy, batch, chunk_tokens=16)
+    logps.sum().backward()
+    assert n_tokens.sum() > 16 * 3  # several chunks ...
+    assert max(rows) <= 16 and sum(rows) == 2 * int(n_tokens.sum())  # ... each recomputed once in the backward
+
+
+def test_hidden_states_are_the_last_layer_after_the_final_norm_and_logps_are_float32_under_bf16(tokenizer):
+    policy = tiny_policy(tokenizer).eval()
+    batch = batch_of(tokenizer, make_rows(2))
+    with torch.no_grad():
+        _, _, hidden = ganpo.forward_logps_and_hidden(policy, batch)
+        full = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long(),
+                      output_hidden_states=True)
+        torch.testing.assert_close(hidden, full.hidden_states[-1])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logps, _, _ = ganpo.forward_logps_and_hidden(policy, batch, chunk_tokens=5)
+    assert logps.dtype == torch.float32 and torch.isfinite(logps).all()
+    exact, _, _ = ganpo.forward_logps_and_hidden(policy, batch)
+    torch.testing.assert_close(logps, exact, rtol=2e-2, atol=0.5)  # bf16 matmuls, float32 reduction
+
+
+def test_a_rows_logps_and_discriminator_score_do_not_change_when_batched_with_a_longer_row(tokenizer):
+    policy = tiny_policy(tokenizer).eval()
+    disc = ganpo.Discriminator(policy.config.hidden_size, d_disc=32, n_heads=2).eval()
+    short = make_rows(1)
+    long = make_rows(1, seed=5)
+    long[0]["rejected"][0]["content"] = "An extremely long rejected answer " * 6
+    alone, pair = batch_of(tokenizer, short), batch_of(tokenizer, short + long)
+    assert pair["input_ids"].shape[1] > alone["input_ids"].shape[1]
+    with torch.no_grad():
+        lp_alone, _, h_alone = ganpo.forward_logps_and_hidden(policy, alone)
+        lp_pair, _, h_pair = ganpo.forward_logps_and_hidden(policy, pair)
+        for which in ("attention_mask", "completion_mask"):
+            s_alone = disc(h_alone, alone[which])
+            s_pair = disc(h_pair, pair[which])
+            # rows: alone = [chosen0, rejected0]; pair = [chosen0, chosen1, rejected0, rejected1]
+            torch.testing.assert_close(s_pair[[0, 2]], s_alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp_pair[[0, 2]], lp_alone, atol=1e-4, rtol=1e-5)
+
+
+def test_dpo_loss_is_ln2_and_rewards_zero_at_step_0(tokenizer):
+    policy = tiny_policy(tokenizer)
+    ref = ganpo.make_reference(policy)
+    m = ganpo.evaluate(policy, ref, [batch_of(tokenizer, make_rows(4))], ganpo.GANPOConfig(), nullcontext)
+    assert m["opo/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert m["rewards/chosen"] == 0 and m["rewards/rejected"] == 0 and m["rewards/accuracies"] == 0
+
+
+# ------------------------------------------------------------------------ ganpo.py: base losses
 
 def test_dpo_loss_matches_hand_computed_value():
     pc, pr, rc, rr = torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]), torch.tensor([-11.5])
@@ -83,6 +176,8 @@ def test_ipo_loss_matches_hand_computed_value():
     loss = ganpo.ipo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.2]), torch.tensor([-1.5]), 0.1)
     assert loss.item() == pytest.approx(18.49, rel=1e-6)
 
+
+# ------------------------ ganpo.py: the discriminator, the adversarial losses and running means
 
 def bce(z, t):  # −[t·log σ(z) + (1−t)·log(1−σ(z))], by hand
     s = 1 / (1 + math.exp(-z))
@@ -168,32 +263,6 @@ def test_discriminator_loss_splits_into_its_two_pairs_with_their_accuracies_by_h
     assert discs["chosen"].w.grad is None and not discs.training
 
 
-def test_auc_counts_ties_as_half_and_a_feature_scoring_discriminator_gets_its_hand_computed_auc(tokenizer):
-    assert ganpo.auc(torch.tensor([3.0, 1.0]), torch.tensor([2.0, 2.0])) == 0.5
-    assert ganpo.auc(torch.tensor([1.0, 2.0]), torch.tensor([1.0])) == 0.75
-    policy = tiny_policy(tokenizer).eval()
-    ref = ganpo.make_reference(policy)
-    with torch.no_grad():
-        policy.model.norm.weight[0] += 0.5  # feature 0 of the policy's latents moves
-    batch = batch_of(tokenizer, make_rows(6))
-    discs = torch.nn.ModuleDict({"chosen": FeatureScore(1.0), "rejected": FeatureScore(-1.0)})
-    result = ganpo.evaluate(policy, ref, [batch], ganpo.GANPOConfig(), nullcontext, discs=discs)
-    with torch.no_grad():
-        feat = {name: ganpo.mean_pool(ganpo.forward_logps_and_hidden(m, batch)[2][..., :1], batch["attention_mask"])[:, 0]
-                for name, m in (("policy", policy), ("ref", ref))}
-
-    def by_hand(above, below):  # a plain double loop
-        wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x in above.tolist() for y in below.tolist())
-        return wins / (len(above) * len(below))
-    ref_w, ref_l, pol_w, pol_l = feat["ref"][:6], feat["ref"][6:], feat["policy"][:6], feat["policy"][6:]
-    expected = {"chosen/auc_real_fake": by_hand(ref_w, pol_w), "chosen/auc_fake_contrast": by_hand(pol_w, ref_l),
-                "rejected/auc_real_fake": by_hand(-ref_l, -pol_l), "rejected/auc_fake_contrast": by_hand(-pol_l, -ref_w)}
-    for key, value in expected.items():
-        assert result[f"disc/{key}"] == pytest.approx(value, abs=1e-12), key
-    assert result["disc/auc_real_fake"] == pytest.approx((expected["chosen/auc_real_fake"] + expected["rejected/auc_real_fake"]) / 2)
-    assert expected["chosen/auc_real_fake"] != 0.5  # the feature really moved
-
-
 def test_running_means_start_at_first_value_then_decay():
     ema = {}
     ganpo.update_ema(ema, {"k": torch.tensor([1.0, 3.0])}, 0.9)
@@ -202,103 +271,7 @@ def test_running_means_start_at_first_value_then_decay():
     assert ema["k"].item() == pytest.approx(0.9 * 2 + 0.1 * 12)
 
 
-# ------------------------------------------------------------------------------- tokens and masks
-
-def test_completion_mask_excludes_prompt_and_padding_and_includes_final_end_of_turn(tokenizer):
-    rows = make_rows(2)
-    rows[1]["chosen"][0]["content"] = "A much longer answer that forces the other rows to be padded on the right."
-    batch = batch_of(tokenizer, rows)
-    ids, mask, att = batch["input_ids"], batch["completion_mask"], batch["attention_mask"]
-    for i in range(ids.shape[0]):
-        scored = ids[i][mask[i]].tolist()
-        text = tokenizer.decode(scored)
-        # the completion is the assistant content plus the template's end of turn, nothing of the prompt
-        assert text.endswith("<|im_end|>\n") and "<|im_start|>" not in text and "user" not in text
-        assert not mask[i][~att[i]].any()  # padding is never scored
-        last = int(att[i].nonzero().max())
-        assert mask[i, last] and ids[i, last - 1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert (~att).any()  # the batch really had padding (pad id = <|im_end|> here)
-    assert tokenizer.pad_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
-
-
-def test_standard_rows_score_an_appended_eos_even_though_pad_is_eos(tokenizer):
-    rows = [{"prompt": "Rate the hotel:", "chosen": " Lovely.", "rejected": " Dreadful and loud all night long."}]
-    batch = batch_of(tokenizer, rows)
-    eos = tokenizer.eos_token_id
-    for i in range(2):
-        scored = batch["input_ids"][i][batch["completion_mask"][i]].tolist()
-        assert scored[-1] == eos and scored.count(eos) == 1
-    assert tokenizer.decode(batch["input_ids"][0][batch["completion_mask"][0]]) == " Lovely." + tokenizer.eos_token
-
-
-def test_truncation_keeps_prompt_end_then_cuts_completion_and_drops_empty_rows(tokenizer):
-    row = {"prompt": "one two three four five six seven eight nine ten", "chosen": " yes indeed", "rejected": " no"}
-    ex = loading.tokenize_row(row, tokenizer, max_length=8, max_prompt_length=5)
-    full_prompt = tokenizer(row["prompt"])["input_ids"]
-    assert ex["prompt"] == full_prompt[-5:]  # the prompt's end survives
-    assert len(ex["prompt"]) + len(ex["chosen"]) <= 8 and len(ex["chosen"]) == 3  # " yes indeed" + EOS fits
-    assert loading.tokenize_row(row, tokenizer, max_length=5, max_prompt_length=5) is None  # no room left
-    kept, dropped = loading.tokenize_rows([row, row], tokenizer, 5, 5)
-    assert kept == [] and dropped == 2
-
-
-def test_implicit_prompt_rows_are_split_at_the_last_shared_message():
-    conv = [{"role": "user", "content": "hi"}]
-    row = {"chosen": conv + [{"role": "assistant", "content": "hello!"}],
-           "rejected": conv + [{"role": "assistant", "content": "go away"}]}
-    loading.check_row(row, "x")
-    assert row["prompt"] == conv and row["chosen"] == [{"role": "assistant", "content": "hello!"}]
-
-
-# ------------------------------------------------------------------------------ log-probs, latents
-
-@pytest.mark.parametrize("temperature", [1.0, 1.5])  # 1.5: eval.py's tempered KL at T = 1.5
-def test_summed_logps_equal_a_brute_force_loop_over_positions(tokenizer, temperature):
-    policy = tiny_policy(tokenizer)
-    batch = batch_of(tokenizer, make_rows(3))
-    sum_logps, n_tokens, hidden = ganpo.forward_logps_and_hidden(policy, batch, temperature=temperature)
-    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits / temperature
-    for i in range(batch["input_ids"].shape[0]):
-        total, count = 0.0, 0
-        for t in range(1, batch["input_ids"].shape[1]):
-            if batch["completion_mask"][i, t]:  # token t is predicted by the logits at t−1
-                total += torch.log_softmax(logits[i, t - 1].double(), -1)[batch["input_ids"][i, t]].item()
-                count += 1
-        assert sum_logps[i].item() == pytest.approx(total, rel=1e-5)
-        assert n_tokens[i].item() == count
-    assert hidden.shape == (*batch["input_ids"].shape, policy.config.hidden_size)
-    if temperature != 1:  # a different distribution: not the untempered log-probs
-        assert not torch.allclose(sum_logps, ganpo.forward_logps_and_hidden(policy, batch)[0])
-
-
-def test_a_rows_logps_and_discriminator_score_do_not_change_when_batched_with_a_longer_row(tokenizer):
-    policy = tiny_policy(tokenizer).eval()
-    disc = ganpo.Discriminator(policy.config.hidden_size, d_disc=32, n_heads=2).eval()
-    short = make_rows(1)
-    long = make_rows(1, seed=5)
-    long[0]["rejected"][0]["content"] = "An extremely long rejected answer " * 6
-    alone, pair = batch_of(tokenizer, short), batch_of(tokenizer, short + long)
-    assert pair["input_ids"].shape[1] > alone["input_ids"].shape[1]
-    with torch.no_grad():
-        lp_alone, _, h_alone = ganpo.forward_logps_and_hidden(policy, alone)
-        lp_pair, _, h_pair = ganpo.forward_logps_and_hidden(policy, pair)
-        for which in ("attention_mask", "completion_mask"):
-            s_alone = disc(h_alone, alone[which])
-            s_pair = disc(h_pair, pair[which])
-            # rows: alone = [chosen0, rejected0]; pair = [chosen0, chosen1, rejected0, rejected1]
-            torch.testing.assert_close(s_pair[[0, 2]], s_alone, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lp_pair[[0, 2]], lp_alone, atol=1e-4, rtol=1e-5)
-
-
-def test_dpo_loss_is_ln2_and_rewards_zero_at_step_0(tokenizer):
-    policy = tiny_policy(tokenizer)
-    ref = ganpo.make_reference(policy)
-    m = ganpo.evaluate(policy, ref, [batch_of(tokenizer, make_rows(4))], ganpo.GANPOConfig(), nullcontext)
-    assert m["opo/loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert m["rewards/chosen"] == 0 and m["rewards/rejected"] == 0 and m["rewards/accuracies"] == 0
-
-
-# ---------------------------------------------------------------------------- the GANPO update
+# ----------------------------------------------------------------- ganpo.py: one optimizer step
 
 def setup_models(tokenizer, adv_weight=1.0, lr=1e-3):
     torch.manual_seed(0)
@@ -374,6 +347,44 @@ def test_an_optimizer_step_of_each_side_changes_only_its_own_weights(tokenizer):
     assert all(p.grad is None for p in list(policy.parameters()) + list(discs.parameters()))  # grads zeroed
 
 
+def test_reference_is_frozen_and_the_discriminators_step_once_per_optimizer_step(tokenizer):
+    policy, ref, discs, popt, dopt = setup_models(tokenizer)
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+    rows = make_rows(4)
+    ema = {}
+    ganpo.ganpo_step(policy, ref, discs, popt, dopt, [batch_of(tokenizer, rows[:2]), batch_of(tokenizer, rows[2:])],
+                     ganpo.GANPOConfig(), ema, nullcontext)
+    assert {int(s["step"]) for s in dopt.state.values()} == {1}  # two micro-batches, one discriminator step
+    assert {int(s["step"]) for s in popt.state.values()} == {1}
+    assert set(ema) == set(ganpo.EMA_KEYS)
+
+
+def test_disc_steps_2_takes_exactly_two_discriminator_optimizer_steps_per_policy_step(tokenizer):
+    policy, ref, discs, popt, dopt = setup_models(tokenizer)
+    rows = make_rows(4)
+    calls = []
+    dopt.register_step_post_hook(lambda opt, args, kwargs: calls.append(1))
+    for _ in range(2):
+        ganpo.ganpo_step(policy, ref, discs, popt, dopt, [batch_of(tokenizer, rows[:2]), batch_of(tokenizer, rows[2:])],
+                         ganpo.GANPOConfig(disc_steps=2), {}, nullcontext)
+    assert len(calls) == 4  # 2 policy steps x 2 discriminator steps, whatever the micro-batches
+    assert {int(s["step"]) for s in dopt.state.values()} == {4}
+    assert {int(s["step"]) for s in popt.state.values()} == {2}
+
+
+def test_frozen_discriminators_keep_their_initial_weights_bit_for_bit_while_the_policy_trains(tokenizer):
+    policy, ref, discs, popt, _ = setup_models(tokenizer)
+    d0 = {k: v.clone() for k, v in discs.state_dict().items()}  # incl. the spectral-norm vectors
+    p0 = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    ema = {}
+    for _ in range(3):
+        m = ganpo.ganpo_step(policy, ref, discs, popt, None, [batch_of(tokenizer, make_rows(4))],
+                             ganpo.GANPOConfig(), ema, nullcontext)
+    assert all(torch.equal(v, d0[k]) for k, v in discs.state_dict().items())
+    assert all(p.grad is None for p in discs.parameters()) and "disc/grad_norm" not in m
+    assert m["gen/loss"] > 0 and any(not torch.equal(p, p0[n]) for n, p in policy.named_parameters())
+
+
 def test_adv_weight_zero_gives_the_same_weights_as_a_plain_dpo_step(tokenizer):
     # SGD, not Adam: Adam's first step is ~lr·sign(g), which amplifies float noise in near-zero grads
     policy, ref, discs, _, _ = setup_models(tokenizer, adv_weight=0)
@@ -423,120 +434,112 @@ def test_gradient_accumulation_over_two_half_batches_matches_one_full_batch(toke
     assert m_full["policy/grad_norm"] == pytest.approx(m_half["policy/grad_norm"], rel=1e-4)
 
 
-# -------------------------------------------------------------------------------- train.py
+# ------------------------------------------------------------------ ganpo.py: watching the game
 
-TEST_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # 1 thread each
+def test_auc_counts_ties_as_half_and_a_feature_scoring_discriminator_gets_its_hand_computed_auc(tokenizer):
+    assert ganpo.auc(torch.tensor([3.0, 1.0]), torch.tensor([2.0, 2.0])) == 0.5
+    assert ganpo.auc(torch.tensor([1.0, 2.0]), torch.tensor([1.0])) == 0.75
+    policy = tiny_policy(tokenizer).eval()
+    ref = ganpo.make_reference(policy)
+    with torch.no_grad():
+        policy.model.norm.weight[0] += 0.5  # feature 0 of the policy's latents moves
+    batch = batch_of(tokenizer, make_rows(6))
+    discs = torch.nn.ModuleDict({"chosen": FeatureScore(1.0), "rejected": FeatureScore(-1.0)})
+    result = ganpo.evaluate(policy, ref, [batch], ganpo.GANPOConfig(), nullcontext, discs=discs)
+    with torch.no_grad():
+        feat = {name: ganpo.mean_pool(ganpo.forward_logps_and_hidden(m, batch)[2][..., :1], batch["attention_mask"])[:, 0]
+                for name, m in (("policy", policy), ("ref", ref))}
 
-
-def run_train(args, **kw):
-    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True, text=True,
-                          env=TEST_ENV, cwd=HERE, timeout=300, **kw)
-
-
-RUN_FLAGS = [*TINY_FLAGS, "--max_steps", "6", "--eval_every", "3", "--save_every", "100", "--lr", "1e-3"]
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, data_file):
-    """One tiny GANPO run shared by the tests that read its outputs (each subprocess costs seconds)."""
-    out = tmp_path_factory.mktemp("runs") / "trained"
-    r = run_train([*RUN_FLAGS, "--data", data_file, "--output_dir", str(out)])
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out, r.stdout
-
-
-@pytest.fixture(scope="session")
-def untrained_run(tmp_path_factory, data_file):
-    """--max_steps 0: the untrained policy, saved; also exercises --label_noise."""
-    out = tmp_path_factory.mktemp("runs") / "untrained"
-    r = run_train([*TINY_FLAGS, "--data", data_file, "--output_dir", str(out), "--max_steps", "0", "--label_noise", "0.25"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out, r.stdout
+    def by_hand(above, below):  # a plain double loop
+        wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x in above.tolist() for y in below.tolist())
+        return wins / (len(above) * len(below))
+    ref_w, ref_l, pol_w, pol_l = feat["ref"][:6], feat["ref"][6:], feat["policy"][:6], feat["policy"][6:]
+    expected = {"chosen/auc_real_fake": by_hand(ref_w, pol_w), "chosen/auc_fake_contrast": by_hand(pol_w, ref_l),
+                "rejected/auc_real_fake": by_hand(-ref_l, -pol_l), "rejected/auc_fake_contrast": by_hand(-pol_l, -ref_w)}
+    for key, value in expected.items():
+        assert result[f"disc/{key}"] == pytest.approx(value, abs=1e-12), key
+    assert result["disc/auc_real_fake"] == pytest.approx((expected["chosen/auc_real_fake"] + expected["rejected/auc_real_fake"]) / 2)
+    assert expected["chosen/auc_real_fake"] != 0.5  # the feature really moved
 
 
-def test_train_script_runs_tiny_model_and_writes_a_loadable_policy_and_metrics(trained_run):
-    out, stdout = trained_run
-    assert "eval held-out step 3" in stdout and "eval held-out step 6" in stdout
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(out)
-    assert model.config.num_hidden_layers == 2
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train_steps = [r for r in records if "split" not in r]
-    assert [r["step"] for r in train_steps] == [0, 1, 2, 3, 4, 5]
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected", "disc/loss", "gen/loss", "disc/real_fake_acc", "ema/chosen/real", "policy/grad_norm",
-                "disc/grad_norm", "lr", "tokens_per_s"):
-        assert key in train_steps[0], key
-    assert train_steps[0]["opo/loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 0
-    evals = [r for r in records if r.get("split") == "held-out"]
-    assert [r["step"] for r in evals] == [3, 6]
-    assert evals[-1]["eval/rewards/margins"] > 0  # it learned something about the held-out pairs
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert state["step"] == 6 and set(state["ema"]) == set(ganpo.EMA_KEYS) and state["discs"] is not None
+# ----------------------------------------------------------- loading.py: rows, tokens and masks
+
+def test_completion_mask_excludes_prompt_and_padding_and_includes_final_end_of_turn(tokenizer):
+    rows = make_rows(2)
+    rows[1]["chosen"][0]["content"] = "A much longer answer that forces the other rows to be padded on the right."
+    batch = batch_of(tokenizer, rows)
+    ids, mask, att = batch["input_ids"], batch["completion_mask"], batch["attention_mask"]
+    for i in range(ids.shape[0]):
+        scored = ids[i][mask[i]].tolist()
+        text = tokenizer.decode(scored)
+        # the completion is the assistant content plus the template's end of turn, nothing of the prompt
+        assert text.endswith("<|im_end|>\n") and "<|im_start|>" not in text and "user" not in text
+        assert not mask[i][~att[i]].any()  # padding is never scored
+        last = int(att[i].nonzero().max())
+        assert mask[i, last] and ids[i, last - 1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert (~att).any()  # the batch really had padding (pad id = <|im_end|> here)
+    assert tokenizer.pad_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
-NEW_FLAGS = {"authors": [], "frozen": ["--disc_lr", "0"], "lora": ["--lora_r", "4", "--lora_alpha", "8"],
-             "fast-ragan-k2-response": ["--disc_lr", "3e-3", "--disc_steps", "2", "--disc_loss", "ragan",
-                                        "--disc_tokens", "response"]}
+def test_standard_rows_score_an_appended_eos_even_though_pad_is_eos(tokenizer):
+    rows = [{"prompt": "Rate the hotel:", "chosen": " Lovely.", "rejected": " Dreadful and loud all night long."}]
+    batch = batch_of(tokenizer, rows)
+    eos = tokenizer.eos_token_id
+    for i in range(2):
+        scored = batch["input_ids"][i][batch["completion_mask"][i]].tolist()
+        assert scored[-1] == eos and scored.count(eos) == 1
+    assert tokenizer.decode(batch["input_ids"][0][batch["completion_mask"][0]]) == " Lovely." + tokenizer.eos_token
 
 
-def interrupted_then_resumed(out, flags, torchrun=False):
-    """Run train.py, signal it once it has logged step 1, resume it the same way; -> the step it stopped at.
-    One process gets SIGINT (Ctrl-C). torchrun gets SIGTERM, which it passes on to every rank; the ranks
-    save and exit 0, and torchrun itself then exits 1."""
-    launcher = TORCHRUN if torchrun else [sys.executable]
-    proc = subprocess.Popen([*launcher, "train.py", *flags, "--output_dir", str(out)], cwd=HERE,
-                            env=TEST_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if "step 1 |" in line:
-            proc.send_signal(signal.SIGTERM if torchrun else signal.SIGINT)
-            break
-    rest = proc.stdout.read()
-    assert proc.wait(timeout=120) == 0 or torchrun, rest
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert 2 <= state["step"] < state["config"]["max_steps"], rest  # it stopped early, after finishing a step
-    r = (run_torchrun if torchrun else run_train)(["--output_dir", str(out), "--resume"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed from step {state['step']}" in r.stdout
-    return state["step"]
+def test_a_token_merged_across_the_prompt_boundary_moves_to_the_completion(tokenizer):
+    row = {"prompt": "I really like pizz", "chosen": "a with olives", "rejected": "as and pasta"}
+    ex = loading.tokenize_row(row, tokenizer, 128, 64)
+    prompt_ids = tokenizer(row["prompt"])["input_ids"]
+    assert ex["boundary_merged"] and ex["prompt"] == prompt_ids[:len(ex["prompt"])] and len(ex["prompt"]) < len(prompt_ids)
+    for k in ("chosen", "rejected"):  # the scored sequence is exactly tokens(prompt + completion + EOS)
+        assert ex["prompt"] + ex[k] == tokenizer(row["prompt"] + row[k] + tokenizer.eos_token)["input_ids"]
 
 
-def assert_same_run(whole, stopped, weights="model.safetensors"):
-    """Two run folders hold bit-identical weights, discriminators, running means and logged figures
-    (each step logged once); -> the second's checkpoint and metrics without timings."""
-    a, b = load_file(whole / weights), load_file(stopped / weights)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa, sb = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (whole, stopped))
-    assert sa["discs"].keys() == sb["discs"].keys() and all(torch.equal(sa["discs"][k], sb["discs"][k]) for k in sa["discs"])
-    assert sa["ema"] == sb["ema"]
-    timing = ("step_time", "tokens_per_s", "memory/peak_gib")
-    lines = [[{k: v for k, v in json.loads(x).items() if k not in timing} for x in (d / "metrics.jsonl").read_text().splitlines()]
-             for d in (whole, stopped)]
-    assert lines[0] == lines[1]
-    return sb, lines[1]
+def test_chat_rows_render_one_system_prompt_and_the_whole_conversation_once(tokenizer):
+    batch = batch_of(tokenizer, make_rows(1))
+    text = tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0]])
+    assert text.count("<|im_start|>system") == 1 and text.count("<|im_start|>assistant") == 1
 
 
-@pytest.mark.parametrize("variant", list(NEW_FLAGS))
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path, data_file, trained_run, variant):
-    flags = [*RUN_FLAGS, "--data", data_file, *NEW_FLAGS[variant]]
-    if variant == "authors":
-        whole = trained_run[0]
-    else:
-        whole = tmp_path / "whole"
-        assert run_train([*flags, "--output_dir", str(whole)]).returncode == 0
-    interrupted_then_resumed(tmp_path / "stopped", flags)
-    sb, lines = assert_same_run(whole, tmp_path / "stopped",
-                                "adapter_model.safetensors" if variant == "lora" else "model.safetensors")
-    if variant == "frozen":
-        assert sb["disc_opt"] is None and all(torch.equal(sb["discs"][f"{side}.{k}"], v)
-                                              for side, init in sb["discs_init"].items() for k, v in init.items())
-        assert {r["disc/chosen/weight_change"] for r in lines if "split" not in r} == {0.0}
-    else:
-        assert lines[-2]["disc/chosen/weight_change"] > 0
+def test_truncation_keeps_prompt_end_then_cuts_completion_and_drops_empty_rows(tokenizer):
+    row = {"prompt": "one two three four five six seven eight nine ten", "chosen": " yes indeed", "rejected": " no"}
+    ex = loading.tokenize_row(row, tokenizer, max_length=8, max_prompt_length=5)
+    full_prompt = tokenizer(row["prompt"])["input_ids"]
+    assert ex["prompt"] == full_prompt[-5:]  # the prompt's end survives
+    assert len(ex["prompt"]) + len(ex["chosen"]) <= 8 and len(ex["chosen"]) == 3  # " yes indeed" + EOS fits
+    assert loading.tokenize_row(row, tokenizer, max_length=5, max_prompt_length=5) is None  # no room left
+    kept, dropped = loading.tokenize_rows([row, row], tokenizer, 5, 5)
+    assert kept == [] and dropped == 2
 
 
-# ------------------------------------------------------------------- LoRA: the reference is the base
+def test_implicit_prompt_rows_are_split_at_the_last_shared_message():
+    conv = [{"role": "user", "content": "hi"}]
+    row = {"chosen": conv + [{"role": "assistant", "content": "hello!"}],
+           "rejected": conv + [{"role": "assistant", "content": "go away"}]}
+    loading.check_row(row, "x")
+    assert row["prompt"] == conv and row["chosen"] == [{"role": "assistant", "content": "hello!"}]
+
+
+def test_bundled_data_has_the_promised_splits_counts_and_gaps():
+    counts, cats = {}, {}
+    for split in ("train", "test", "shift"):
+        rows = loading.read_rows("bundled", split)
+        counts[split] = len(rows)
+        cats[split] = {r["category"] for r in rows}
+        assert all(r["score_chosen"] - r["score_rejected"] >= 0.5 for r in rows)
+    assert counts["train"] >= 1000 and counts["test"] >= 200 and counts["shift"] >= 200
+    assert len(cats["train"]) >= 8 and cats["test"] <= cats["train"]
+    assert len(cats["shift"]) >= 2 and not cats["shift"] & cats["train"]
+    train_prompts = {r["prompt"][0]["content"] for r in loading.read_rows("bundled", "train")}
+    assert not train_prompts & {r["prompt"][0]["content"] for r in loading.read_rows("bundled", "test")}
+
+
+# ------------------------------------------------- scaleout.py: LoRA, the reference is the base
 
 def lora_policy(tokenizer, r=4, dropout=0.1):
     return scaleout.add_lora(tiny_policy(tokenizer), r=r, alpha=8, dropout=dropout)
@@ -609,15 +612,177 @@ def test_lora_gradients_are_the_same_with_gradient_checkpointing(tokenizer):
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
 
 
+# ------------------------------------------------------------------------------------- train.py
+
+TEST_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_train(args, **kw):
+    """`python train.py ARGS` as a user runs it, in a new process (~5 s of imports each time)."""
+    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True,
+                          text=True, env=TEST_ENV, cwd=HERE, timeout=300, **kw)
+
+
+def main_here(main, argv):
+    """A script's main() run in this process, as `python SCRIPT ARGS` runs it but without starting an
+    interpreter and importing torch and transformers again (~5 s each time).
+    -> (exit status, stdout, stderr), with sys.exit("message") read as Python does: status 1."""
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # train.py sets them
+    try:
+        with mock.patch.object(sys, "argv", argv), contextlib.redirect_stdout(stdout), \
+                contextlib.redirect_stderr(stderr):
+            main()
+    except SystemExit as e:
+        code = e.code or 0
+        if isinstance(code, str):
+            stderr.write(code + "\n")
+            code = 1
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def train_here(args, stop_during_step=None, signum=signal.SIGINT):
+    """`python train.py ARGS`, in this process -> (exit status, all it printed).
+    stop_during_step=k: a Ctrl-C (SIGINT, or `signum`) arrives while step k runs."""
+    real_step, steps = ganpo.ganpo_step, []
+
+    def step_then_ctrl_c(*a, **kw):
+        out = real_step(*a, **kw)
+        steps.append(1)
+        if len(steps) - 1 == stop_during_step:
+            signal.raise_signal(signum)  # train.py's handler: finish this step, save, exit
+        return out
+    with mock.patch.object(ganpo, "ganpo_step", step_then_ctrl_c):
+        code, out, err = main_here(train.main, ["train.py", *args])
+    return code, out + err
+
+
+RUN_FLAGS = [*TINY_FLAGS, "--max_steps", "6", "--eval_every", "3", "--save_every", "100", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_file):
+    """One tiny GANPO run shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("runs") / "trained"
+    code, printed = train_here([*RUN_FLAGS, "--data", data_file, "--output_dir", str(out)])
+    assert code == 0, printed[-2000:]
+    return out, printed
+
+
+@pytest.fixture(scope="session")
+def untrained_run(tmp_path_factory, data_file):
+    """--max_steps 0: the untrained policy, saved; also exercises --label_noise."""
+    out = tmp_path_factory.mktemp("runs") / "untrained"
+    code, stdout = train_here([*TINY_FLAGS, "--data", data_file, "--output_dir", str(out), "--max_steps", "0",
+                               "--label_noise", "0.25"])
+    assert code == 0, stdout[-2000:]
+    return out, stdout
+
+
+def test_train_script_runs_tiny_model_and_writes_a_loadable_policy_and_metrics(trained_run):
+    out, stdout = trained_run
+    assert "eval held-out step 3" in stdout and "eval held-out step 6" in stdout
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r for r in records if "split" not in r]
+    assert [r["step"] for r in train_steps] == [0, 1, 2, 3, 4, 5]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected", "disc/loss", "gen/loss", "disc/real_fake_acc", "ema/chosen/real", "policy/grad_norm",
+                "disc/grad_norm", "lr", "tokens_per_s"):
+        assert key in train_steps[0], key
+    assert train_steps[0]["opo/loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 0
+    evals = [r for r in records if r.get("split") == "held-out"]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert evals[-1]["eval/rewards/margins"] > 0  # it learned something about the held-out pairs
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 6 and set(state["ema"]) == set(ganpo.EMA_KEYS) and state["discs"] is not None
+
+
+NEW_FLAGS = {"authors": [], "frozen": ["--disc_lr", "0"], "lora": ["--lora_r", "4", "--lora_alpha", "8"],
+             "fast-ragan-k2-response": ["--disc_lr", "3e-3", "--disc_steps", "2", "--disc_loss", "ragan",
+                                        "--disc_tokens", "response"]}
+
+
+def interrupted_then_resumed(out, flags):
+    """train.py (in this process) gets a Ctrl-C during step 1, then resumes; -> the step it stopped at."""
+    code, stdout = train_here([*flags, "--output_dir", str(out)], stop_during_step=1)
+    assert code == 0 and "SIGINT: saved step 2" in stdout, stdout[-2000:]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 < state["config"]["max_steps"]  # it stopped early, after finishing the step
+    code, stdout = train_here(["--output_dir", str(out), "--resume"])
+    assert code == 0 and "resumed from step 2" in stdout, stdout[-2000:]
+    return state["step"]
+
+
+def signalled_then_resumed(out, flags):
+    """`python train.py` in a process of its own gets a real Ctrl-C (SIGINT) once it has logged step 1,
+    saves and exits 0; then it resumes. -> the step it stopped at."""
+    proc = subprocess.Popen([sys.executable, "train.py", *flags, "--output_dir", str(out)], cwd=HERE,
+                            env=TEST_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "step 1 |" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, rest
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert 2 <= state["step"] < state["config"]["max_steps"], rest  # it stopped early, after finishing a step
+    code, printed = train_here(["--output_dir", str(out), "--resume"])
+    assert code == 0 and f"resumed from step {state['step']}" in printed, printed[-3000:]
+    return state["step"]
+
+
+def assert_same_run(whole, stopped, weights="model.safetensors"):
+    """Two run folders hold bit-identical weights, discriminators, running means and logged figures
+    (each step logged once); -> the second's checkpoint and metrics without timings."""
+    a, b = load_file(whole / weights), load_file(stopped / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (whole, stopped))
+    assert sa["discs"].keys() == sb["discs"].keys() and all(torch.equal(sa["discs"][k], sb["discs"][k]) for k in sa["discs"])
+    assert sa["ema"] == sb["ema"]
+    timing = ("step_time", "tokens_per_s", "memory/peak_gib")
+    lines = [[{k: v for k, v in json.loads(x).items() if k not in timing} for x in (d / "metrics.jsonl").read_text().splitlines()]
+             for d in (whole, stopped)]
+    assert lines[0] == lines[1]
+    return sb, lines[1]
+
+
+@pytest.mark.parametrize("variant", list(NEW_FLAGS))
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, data_file, trained_run, variant):
+    """authors': a real Ctrl-C to `python train.py`, against the subprocess run trained_run; the
+    others in this process (train_here), whole and interrupted alike."""
+    flags = [*RUN_FLAGS, "--data", data_file, *NEW_FLAGS[variant]]
+    if variant == "authors":
+        whole = trained_run[0]
+        signalled_then_resumed(tmp_path / "stopped", flags)
+    else:
+        whole = tmp_path / "whole"
+        assert train_here([*flags, "--output_dir", str(whole)])[0] == 0
+        interrupted_then_resumed(tmp_path / "stopped", flags)
+    sb, lines = assert_same_run(whole, tmp_path / "stopped",
+                                "adapter_model.safetensors" if variant == "lora" else "model.safetensors")
+    if variant == "frozen":
+        assert sb["disc_opt"] is None and all(torch.equal(sb["discs"][f"{side}.{k}"], v)
+                                              for side, init in sb["discs_init"].items() for k, v in init.items())
+        assert {r["disc/chosen/weight_change"] for r in lines if "split" not in r} == {0.0}
+    else:
+        assert lines[-2]["disc/chosen/weight_change"] > 0
+
+
 LORA_FLAGS = [*RUN_FLAGS, "--lora_r", "4", "--lora_alpha", "8", "--lr", "1e-2"]
 
 
 @pytest.fixture(scope="session")
 def lora_run(tmp_path_factory, data_file):
     out = tmp_path_factory.mktemp("runs") / "lora"
-    r = run_train([*LORA_FLAGS, "--data", data_file, "--merge_lora", "--output_dir", str(out)])
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out, r.stdout
+    code, stdout = train_here([*LORA_FLAGS, "--data", data_file, "--merge_lora", "--output_dir", str(out)])
+    assert code == 0, stdout[-2000:]
+    return out, stdout
 
 
 def test_lora_run_saves_an_adapter_and_a_merged_model_with_the_same_logps(lora_run, tokenizer, tmp_path):
@@ -646,120 +811,20 @@ def test_lora_run_saves_an_adapter_and_a_merged_model_with_the_same_logps(lora_r
         assert res[key] == pytest.approx(final[f"eval/{key}"], rel=1e-4, abs=1e-5), key
 
 
-def test_lora_without_peft_gets_one_line_saying_what_to_install(tmp_path, monkeypatch, capsys, data_file):
-    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now raises ImportError
-    code, err = run_main(monkeypatch, capsys, [*TINY_FLAGS, "--data", data_file, "--lora_r", "4",
-                                               "--output_dir", str(tmp_path / "run")])
-    assert code == 2 and err == "error: --lora_r needs peft, which is not installed: pip install peft"
+def test_a_file_too_small_to_hold_out_a_pair_trains_without_held_out_evaluations(tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(make_rows(1)[0]) + "\n")
+    code, stdout = train_here([*TINY_FLAGS, "--data", str(path), "--max_steps", "2", "--eval_every", "1",
+                               "--output_dir", str(tmp_path / "run")])
+    assert code == 0, stdout[-2000:]
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
 
 
-# ------------------------------------------------------------- several processes (torchrun, gloo, CPU)
-
-def run_torchrun(args, **kw):
-    return subprocess.run([*TORCHRUN, os.path.join(HERE, "train.py"), *args], capture_output=True, text=True,
-                          env=TEST_ENV, cwd=HERE, timeout=300, **kw)
+def test_label_noise_swaps_a_seeded_fraction_of_training_pairs(untrained_run):
+    assert "label noise: swapped 9 of 36 training pairs" in untrained_run[1]  # 40 rows, last 10% held out
 
 
-DIST_FLAGS = [*TINY_FLAGS, "--max_steps", "4", "--eval_every", "2", "--eval_pairs", "3", "--save_every", "100",
-              "--lr", "1e-3"]
-
-
-def max_abs_diff(a, b, skip=()):
-    assert set(a) == set(b)
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if k not in skip)
-
-
-def train_records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="session")
-def two_process_run(tmp_path_factory, data_file):
-    """GANPO (the authors' flags, discriminator dropout on) on 2 processes."""
-    out = tmp_path_factory.mktemp("runs") / "two_process"
-    r = run_torchrun([*DIST_FLAGS, "--data", data_file, "--output_dir", str(out)])
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return out, r.stdout
-
-
-def test_dpo_on_two_processes_equals_one_process_on_the_same_global_batch(tmp_path, data_file):
-    flags = [*DIST_FLAGS, "--data", data_file, "--adv_weight", "0", "--grad_accum", "2", "--gradient_checkpointing"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert run_train([*flags, "--output_dir", str(one)]).returncode == 0
-    r = run_torchrun([*flags, "--output_dir", str(two)])
-    assert r.returncode == 0, r.stderr[-3000:]
-    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
-    initial = loading.load_policy("tiny", loading.load_tokenizer("tiny"), 0).state_dict()
-    assert max_abs_diff(a, {k: initial[k] for k in a}) > 1e-3  # it trained
-    assert max_abs_diff(a, b) < 1e-5
-    ra, rb = train_records(one), train_records(two)
-    assert [x["step"] for x in rb] == [x["step"] for x in ra] == [0, 1, 2, 2, 3, 4]  # one line per step (+ evals)
-    for x, y in zip(ra, rb):  # logged figures are over all ranks' pairs, not rank 0's share
-        for k in ("loss", "rewards/margins", "logps/chosen", "tokens", "eval/opo/loss", "eval/rewards/accuracies"):
-            if k in x:
-                assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), k
-
-
-def test_ganpo_on_two_processes_keeps_identical_replicas_and_matches_one_process_without_dropout(
-        tmp_path, data_file, two_process_run):
-    # the replicas: every rank holds the same discriminators and running means (dropout on: each
-    # rank draws its own masks, the averaged gradients still keep the copies identical)
-    state = torch.load(two_process_run[0] / "checkpoint.pt", weights_only=True)
-    assert state["world_size"] == 2 and len(state["replicas"]) == 2
-    assert state["replicas"][0] == state["replicas"][1]
-    discs = ganpo.build_discriminators(64, SMALL_D)
-    discs.load_state_dict(state["discs"])
-    assert state["replicas"][0] == scaleout.replica_fingerprint(discs, state["ema"])  # the hash is of these weights
-    initial = {f"{s}.{k}": v for s, d in state["discs_init"].items() for k, v in d.items()}  # parameters only
-    assert max_abs_diff({k: state["discs"][k] for k in initial}, initial) > 1e-4  # and they did learn
-    # without dropout, 2 processes compute what 1 process computes on the same global batch
-    flags = [*DIST_FLAGS, "--data", data_file, "--disc_dropout", "0"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert run_train([*flags, "--output_dir", str(one)]).returncode == 0
-    assert run_torchrun([*flags, "--output_dir", str(two)]).returncode == 0
-    assert max_abs_diff(load_file(one / "model.safetensors"), load_file(two / "model.safetensors")) < 1e-4
-    sa, sb = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (one, two))
-    # The output bias is left out: the two terms of each relativistic pair pull it in opposite directions
-    # and nearly cancel, so its gradient is mostly rounding, which Adam scales up to ~lr per step.
-    assert max_abs_diff(sa["discs"], sb["discs"], skip=("chosen.head.2.bias", "rejected.head.2.bias")) < 1e-4
-    assert sa["ema"] == pytest.approx(sb["ema"], abs=1e-4)
-    for x, y in zip(train_records(one), train_records(two)):
-        for k in ("loss", "gen/loss", "disc/loss", "disc/real_fake_acc", "eval/disc/auc_real_fake"):
-            if k in x:
-                assert y[k] == pytest.approx(x[k], abs=1e-4), k
-
-
-def test_two_process_run_stopped_by_sigterm_resumes_exactly_on_two_processes(tmp_path, data_file, two_process_run):
-    out = tmp_path / "stopped"
-    interrupted_then_resumed(out, [*DIST_FLAGS, "--data", data_file], torchrun=True)
-    assert_same_run(two_process_run[0], out)
-    r = run_train(["--output_dir", str(out), "--resume"])  # on 1 process: one line saying how to resume it
-    assert r.returncode == 2 and "saved on 2 process(es)" in r.stderr.strip().splitlines()[-1]
-
-
-def test_a_run_saved_on_two_processes_loads_into_one_process_for_eval(tmp_path, two_process_run):
-    import eval as ev
-    out = two_process_run[0]
-    final = train_records(out)[-1]
-    held_out = str(tmp_path / "held.jsonl")  # train.py held out the file's last 10% (4 of 40 rows)
-    with open(held_out, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in make_rows(40)[36:])
-    cfg = ev.EvalConfig(runs=[str(out)], data=held_out, split="x", gen_prompts=0, temperatures="", batch_size=4)
-    res = ev.evaluate_run(str(out), cfg, None)["splits"]["x"]
-    for key in ("rewards/margins", "rewards/chosen", "opo/loss", "disc/auc_real_fake", "disc/auc_fake_contrast"):
-        assert res[key] == pytest.approx(final[f"eval/{key}"], rel=1e-5, abs=1e-6), key
-    assert abs(res["rewards/margins"]) > 1e-4
-
-
-def test_batch_size_that_does_not_split_over_processes_gets_one_line_before_anything_loads(tmp_path, data_file):
-    r = run_torchrun([*DIST_FLAGS, "--data", data_file, "--batch_size", "6", "--grad_accum", "2",
-                      "--output_dir", str(tmp_path / "run")])
-    assert r.returncode != 0
-    assert "error: --batch_size 6 must be a multiple of 2 processes x --grad_accum 2" in r.stderr
-    assert not (tmp_path / "run").exists()
-
-
-# ------------------------------------------------------------------------------- bad input
+# ------------------------------------------------------------ train.py: bad input gets one line
 
 def run_main(monkeypatch, capsys, args):
     monkeypatch.setattr(sys, "argv", ["train.py", *args])
@@ -832,36 +897,137 @@ def test_bad_discriminator_flags_get_one_clear_line(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "o").exists()
 
 
-def test_a_file_too_small_to_hold_out_a_pair_trains_without_held_out_evaluations(tmp_path):
-    path = tmp_path / "one.jsonl"
-    path.write_text(json.dumps(make_rows(1)[0]) + "\n")
-    r = run_train([*TINY_FLAGS, "--data", str(path), "--max_steps", "2", "--eval_every", "1",
-                   "--output_dir", str(tmp_path / "run")])
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+def test_lora_without_peft_gets_one_line_saying_what_to_install(tmp_path, monkeypatch, capsys, data_file):
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now raises ImportError
+    code, err = run_main(monkeypatch, capsys, [*TINY_FLAGS, "--data", data_file, "--lora_r", "4",
+                                               "--output_dir", str(tmp_path / "run")])
+    assert code == 2 and err == "error: --lora_r needs peft, which is not installed: pip install peft"
 
 
-def test_label_noise_swaps_a_seeded_fraction_of_training_pairs(untrained_run):
-    assert "label noise: swapped 9 of 36 training pairs" in untrained_run[1]  # 40 rows, last 10% held out
+def test_batch_size_that_does_not_split_over_processes_gets_one_line_before_anything_loads(
+        tmp_path, monkeypatch, capsys, data_file):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun --nproc_per_node 2 sets in each process
+    code, err = run_main(monkeypatch, capsys, [*TINY_FLAGS, "--data", data_file, "--batch_size", "6",
+                                               "--grad_accum", "2", "--output_dir", str(tmp_path / "run")])
+    assert code == 2 and err == "error: --batch_size 6 must be a multiple of 2 processes x --grad_accum 2"
+    assert not (tmp_path / "run").exists()
 
 
-# ---------------------------------------------------------------------------------- bundled data
+# ------------------------------------ train.py on several processes (torchrun, gloo, CPU): slow
 
-def test_bundled_data_has_the_promised_splits_counts_and_gaps():
-    counts, cats = {}, {}
-    for split in ("train", "test", "shift"):
-        rows = loading.read_rows("bundled", split)
-        counts[split] = len(rows)
-        cats[split] = {r["category"] for r in rows}
-        assert all(r["score_chosen"] - r["score_rejected"] >= 0.5 for r in rows)
-    assert counts["train"] >= 1000 and counts["test"] >= 200 and counts["shift"] >= 200
-    assert len(cats["train"]) >= 8 and cats["test"] <= cats["train"]
-    assert len(cats["shift"]) >= 2 and not cats["shift"] & cats["train"]
-    train_prompts = {r["prompt"][0]["content"] for r in loading.read_rows("bundled", "train")}
-    assert not train_prompts & {r["prompt"][0]["content"] for r in loading.read_rows("bundled", "test")}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # 1 thread each
 
 
-# ------------------------------------------------------------------------------------ eval.py
+DIST_FLAGS = [*TINY_FLAGS, "--max_steps", "4", "--eval_every", "2", "--eval_pairs", "3", "--save_every", "100",
+              "--lr", "1e-3"]
+
+
+def max_abs_diff(a, b, skip=()):
+    assert set(a) == set(b)
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if k not in skip)
+
+
+def train_records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+TWO_PROCESS_FLAGS = {"authors": [], "no_dropout": ["--disc_dropout", "0"],  # GANPO; DPO below
+                     "dpo": ["--adv_weight", "0", "--grad_accum", "2", "--gradient_checkpointing"]}
+
+
+@pytest.fixture(scope="session")
+def two_process_runs(tmp_path_factory, data_file):
+    """train.py runs on 2 processes, one after the other in one torchrun launch (this file's
+    __main__ runs them; a launch costs ~9 s of starting processes): GANPO with the authors' flags
+    (discriminator dropout on), GANPO without dropout, DPO with gradient accumulation and
+    checkpointing; then the authors' flags again, stopped by a SIGTERM that only rank 0 gets while
+    step 1 runs, and resumed. -> {name: (output folder, its flags)}, "printed": rank 0's output."""
+    root = tmp_path_factory.mktemp("two_process")
+    runs = {name: (root / name, [*DIST_FLAGS, "--data", data_file, *flags])
+            for name, flags in TWO_PROCESS_FLAGS.items()}
+    stopped = str(root / "stopped")
+    plan = [{"flags": [*flags, "--output_dir", str(out)]} for out, flags in runs.values()]
+    plan += [{"flags": [*runs["authors"][1], "--output_dir", stopped], "sigterm_during_step": 1},
+             {"flags": ["--output_dir", stopped, "--resume"]}]
+    r = subprocess.run([*TORCHRUN, os.path.abspath(__file__), json.dumps(plan)], capture_output=True,
+                       text=True, env=TEST_ENV, cwd=HERE, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return {**runs, "stopped": (root / "stopped", None), "printed": r.stdout}
+
+
+@pytest.mark.slow
+def test_dpo_on_two_processes_equals_one_process_on_the_same_global_batch(tmp_path, two_process_runs):
+    two, flags = two_process_runs["dpo"]
+    one = tmp_path / "one"
+    assert train_here([*flags, "--output_dir", str(one)])[0] == 0
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    initial = loading.load_policy("tiny", loading.load_tokenizer("tiny"), 0).state_dict()
+    assert max_abs_diff(a, {k: initial[k] for k in a}) > 1e-3  # it trained
+    assert max_abs_diff(a, b) < 1e-5
+    ra, rb = train_records(one), train_records(two)
+    assert [x["step"] for x in rb] == [x["step"] for x in ra] == [0, 1, 2, 2, 3, 4]  # one line per step (+ evals)
+    for x, y in zip(ra, rb):  # logged figures are over all ranks' pairs, not rank 0's share
+        for k in ("loss", "rewards/margins", "logps/chosen", "tokens", "eval/opo/loss", "eval/rewards/accuracies"):
+            if k in x:
+                assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), k
+
+
+@pytest.mark.slow
+def test_ganpo_on_two_processes_keeps_identical_replicas_and_matches_one_process_without_dropout(
+        tmp_path, two_process_runs):
+    # the replicas: every rank holds the same discriminators and running means (dropout on: each
+    # rank draws its own masks, the averaged gradients still keep the copies identical)
+    state = torch.load(two_process_runs["authors"][0] / "checkpoint.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["replicas"]) == 2
+    assert state["replicas"][0] == state["replicas"][1]
+    discs = ganpo.build_discriminators(64, SMALL_D)
+    discs.load_state_dict(state["discs"])
+    assert state["replicas"][0] == scaleout.replica_fingerprint(discs, state["ema"])  # the hash is of these weights
+    initial = {f"{s}.{k}": v for s, d in state["discs_init"].items() for k, v in d.items()}  # parameters only
+    assert max_abs_diff({k: state["discs"][k] for k in initial}, initial) > 1e-4  # and they did learn
+    # without dropout, 2 processes compute what 1 process computes on the same global batch
+    two, flags = two_process_runs["no_dropout"]
+    one = tmp_path / "one"
+    assert train_here([*flags, "--output_dir", str(one)])[0] == 0
+    assert max_abs_diff(load_file(one / "model.safetensors"), load_file(two / "model.safetensors")) < 1e-4
+    sa, sb = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (one, two))
+    # The output bias is left out: the two terms of each relativistic pair pull it in opposite directions
+    # and nearly cancel, so its gradient is mostly rounding, which Adam scales up to ~lr per step.
+    assert max_abs_diff(sa["discs"], sb["discs"], skip=("chosen.head.2.bias", "rejected.head.2.bias")) < 1e-4
+    assert sa["ema"] == pytest.approx(sb["ema"], abs=1e-4)
+    for x, y in zip(train_records(one), train_records(two)):
+        for k in ("loss", "gen/loss", "disc/loss", "disc/real_fake_acc", "eval/disc/auc_real_fake"):
+            if k in x:
+                assert y[k] == pytest.approx(x[k], abs=1e-4), k
+
+
+@pytest.mark.slow
+def test_two_process_run_stopped_by_sigterm_resumes_exactly_on_two_processes(two_process_runs):
+    printed, out = two_process_runs["printed"], two_process_runs["stopped"][0]
+    assert "SIGTERM: saved step 2" in printed and "resumed from step 2" in printed  # both ranks stopped
+    assert_same_run(two_process_runs["authors"][0], out)
+    code, printed = train_here(["--output_dir", str(out), "--resume"])  # 1 process: a line saying how
+    assert code == 2 and "saved on 2 process(es)" in printed.strip().splitlines()[-1]
+    code, printed = train_here(["--output_dir", str(out), "--resume"])  # 1 process: a line saying how
+    assert code == 2 and "saved on 2 process(es)" in printed.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_run_saved_on_two_processes_loads_into_one_process_for_eval(tmp_path, two_process_runs):
+    import eval as ev
+    out = two_process_runs["authors"][0]
+    final = train_records(out)[-1]
+    held_out = str(tmp_path / "held.jsonl")  # train.py held out the file's last 10% (4 of 40 rows)
+    with open(held_out, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in make_rows(40)[36:])
+    cfg = ev.EvalConfig(runs=[str(out)], data=held_out, split="x", gen_prompts=0, temperatures="", batch_size=4)
+    res = ev.evaluate_run(str(out), cfg, None)["splits"]["x"]
+    for key in ("rewards/margins", "rewards/chosen", "opo/loss", "disc/auc_real_fake", "disc/auc_fake_contrast"):
+        assert res[key] == pytest.approx(final[f"eval/{key}"], rel=1e-5, abs=1e-6), key
+    assert abs(res["rewards/margins"]) > 1e-4
+
+
+# -------------------------------------------------------------------------------------- eval.py
 
 def test_eval_of_an_untrained_policy_gives_zero_rewards_zero_kl_and_a_chance_probe(untrained_run, data_file):
     import eval as ev
@@ -951,90 +1117,7 @@ def test_generation_is_reproducible_for_a_fixed_seed(tokenizer):
     assert a == b and a != c
 
 
-# ------------------------------------------------------------------- more pitfalls (shared/PITFALLS.md)
-
-def test_a_token_merged_across_the_prompt_boundary_moves_to_the_completion(tokenizer):
-    row = {"prompt": "I really like pizz", "chosen": "a with olives", "rejected": "as and pasta"}
-    ex = loading.tokenize_row(row, tokenizer, 128, 64)
-    prompt_ids = tokenizer(row["prompt"])["input_ids"]
-    assert ex["boundary_merged"] and ex["prompt"] == prompt_ids[:len(ex["prompt"])] and len(ex["prompt"]) < len(prompt_ids)
-    for k in ("chosen", "rejected"):  # the scored sequence is exactly tokens(prompt + completion + EOS)
-        assert ex["prompt"] + ex[k] == tokenizer(row["prompt"] + row[k] + tokenizer.eos_token)["input_ids"]
-
-
-def test_chat_rows_render_one_system_prompt_and_the_whole_conversation_once(tokenizer):
-    batch = batch_of(tokenizer, make_rows(1))
-    text = tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0]])
-    assert text.count("<|im_start|>system") == 1 and text.count("<|im_start|>assistant") == 1
-
-
-def test_hidden_states_are_the_last_layer_after_the_final_norm_and_logps_are_float32_under_bf16(tokenizer):
-    policy = tiny_policy(tokenizer).eval()
-    batch = batch_of(tokenizer, make_rows(2))
-    with torch.no_grad():
-        _, _, hidden = ganpo.forward_logps_and_hidden(policy, batch)
-        full = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long(),
-                      output_hidden_states=True)
-        torch.testing.assert_close(hidden, full.hidden_states[-1])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logps, _, _ = ganpo.forward_logps_and_hidden(policy, batch, chunk_tokens=5)
-    assert logps.dtype == torch.float32 and torch.isfinite(logps).all()
-    exact, _, _ = ganpo.forward_logps_and_hidden(policy, batch)
-    torch.testing.assert_close(logps, exact, rtol=2e-2, atol=0.5)  # bf16 matmuls, float32 reduction
-
-
-def test_chunked_logps_equal_unchunked_and_simpo_ipo_use_length_averaged_logps(tokenizer):
-    policy = tiny_policy(tokenizer)
-    batch = batch_of(tokenizer, make_rows(2))
-    a, n, _ = ganpo.forward_logps_and_hidden(policy, batch, chunk_tokens=7)
-    b, _, _ = ganpo.forward_logps_and_hidden(policy, batch, chunk_tokens=10_000)
-    torch.testing.assert_close(a, b)
-    ref = a.detach() - 1.0
-    simpo = ganpo.opo_loss(ganpo.GANPOConfig(loss="simpo", beta=2.0, gamma=0.5), a, ref, n)
-    torch.testing.assert_close(simpo, ganpo.simpo_loss(a[:2] / n[:2], a[2:] / n[2:], 2.0, 0.5))
-    ipo = ganpo.opo_loss(ganpo.GANPOConfig(loss="ipo", beta=0.1), a, ref, n)
-    torch.testing.assert_close(ipo, ganpo.ipo_loss(a[:2] / n[:2], a[2:] / n[2:], ref[:2] / n[:2], ref[2:] / n[2:], 0.1))
-
-
-def test_reference_is_frozen_and_the_discriminators_step_once_per_optimizer_step(tokenizer):
-    policy, ref, discs, popt, dopt = setup_models(tokenizer)
-    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
-    rows = make_rows(4)
-    ema = {}
-    ganpo.ganpo_step(policy, ref, discs, popt, dopt, [batch_of(tokenizer, rows[:2]), batch_of(tokenizer, rows[2:])],
-                     ganpo.GANPOConfig(), ema, nullcontext)
-    assert {int(s["step"]) for s in dopt.state.values()} == {1}  # two micro-batches, one discriminator step
-    assert {int(s["step"]) for s in popt.state.values()} == {1}
-    assert set(ema) == set(ganpo.EMA_KEYS)
-
-
-def test_disc_steps_2_takes_exactly_two_discriminator_optimizer_steps_per_policy_step(tokenizer):
-    policy, ref, discs, popt, dopt = setup_models(tokenizer)
-    rows = make_rows(4)
-    calls = []
-    dopt.register_step_post_hook(lambda opt, args, kwargs: calls.append(1))
-    for _ in range(2):
-        ganpo.ganpo_step(policy, ref, discs, popt, dopt, [batch_of(tokenizer, rows[:2]), batch_of(tokenizer, rows[2:])],
-                         ganpo.GANPOConfig(disc_steps=2), {}, nullcontext)
-    assert len(calls) == 4  # 2 policy steps x 2 discriminator steps, whatever the micro-batches
-    assert {int(s["step"]) for s in dopt.state.values()} == {4}
-    assert {int(s["step"]) for s in popt.state.values()} == {2}
-
-
-def test_frozen_discriminators_keep_their_initial_weights_bit_for_bit_while_the_policy_trains(tokenizer):
-    policy, ref, discs, popt, _ = setup_models(tokenizer)
-    d0 = {k: v.clone() for k, v in discs.state_dict().items()}  # incl. the spectral-norm vectors
-    p0 = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    ema = {}
-    for _ in range(3):
-        m = ganpo.ganpo_step(policy, ref, discs, popt, None, [batch_of(tokenizer, make_rows(4))],
-                             ganpo.GANPOConfig(), ema, nullcontext)
-    assert all(torch.equal(v, d0[k]) for k, v in discs.state_dict().items())
-    assert all(p.grad is None for p in discs.parameters()) and "disc/grad_norm" not in m
-    assert m["gen/loss"] > 0 and any(not torch.equal(p, p0[n]) for n, p in policy.named_parameters())
-
-
-# ------------------------------------------------------------------------------------ bench.py
+# ------------------------------------------------------------------------------------- bench.py
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_step_flops_formula_matches_the_flops_torch_counts(tokenizer, checkpointing):
@@ -1064,41 +1147,6 @@ def test_step_flops_formula_matches_the_flops_torch_counts(tokenizer, checkpoint
     assert dpo + extra == pytest.approx(counted["ganpo"], rel=0.03)
 
 
-def test_lm_head_never_sees_more_rows_than_logits_chunk(tokenizer):
-    """A large vocabulary's float32 logits exist one chunk at a time, in the forward and in the backward."""
-    policy = tiny_policy(tokenizer)
-    rows = []
-    policy.get_output_embeddings().register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[0]))
-    batch = batch_of(tokenizer, make_rows(4))
-    logps, n_tokens, _ = ganpo.forward_logps_and_hidden(policy, batch, chunk_tokens=16)
-    logps.sum().backward()
-    assert n_tokens.sum() > 16 * 3  # several chunks ...
-    assert max(rows) <= 16 and sum(rows) == 2 * int(n_tokens.sum())  # ... each recomputed once in the backward
-
-
-def test_bench_reports_times_memory_and_flop_ratios(tmp_path):
-    out = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--model", "tiny", "--batch_size", "2",
-                          "--max_length", "32", "--steps", "2", "--disc_dim", "32", "--disc_heads", "2", "--json"],
-                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=HERE, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(r["all_seconds"]["dpo"]) == len(r["all_seconds"]["ganpo"]) == 2
-    assert r["time_ratio"] == pytest.approx(r["seconds"]["ganpo"] / r["seconds"]["dpo"])
-    assert r["flops"]["ganpo"] > r["flops"]["dpo"] > 0
-    assert r["flop_ratio_formula"] == pytest.approx(r["flop_ratio_counted"], rel=0.03)
-    assert r["peak_bytes"]["dpo"] > 10 * 2 ** 20 and r["peak_bytes"]["ganpo"] > 10 * 2 ** 20
-    predicted = list(r["predicted_ratio"].values())  # 0.5B, 1.7B, 8B: the overhead shrinks as models grow
-    assert predicted == sorted(predicted, reverse=True) and predicted[-1] < 1.01
-    assert "GANPO/DPO: time" in out.stdout
-    rate = r["matmul_flops_per_s"]  # efficiency = achieved FLOP/s over a plain matmul's FLOP/s here
-    for arm in ("dpo", "ganpo"):
-        assert r["efficiency"][arm] == pytest.approx(r["flops"][arm] / r["seconds"][arm] / rate)
-    extra = (r["flops"]["ganpo"] - r["flops"]["dpo"]) / (r["seconds"]["ganpo"] - r["seconds"]["dpo"]) / rate
-    assert r["efficiency"]["extra"] == pytest.approx(extra)
-
-
-# ----------------------------------------------------------------------------- experiments/run.py
-
 def test_fsdp_memory_estimate_shards_the_state_and_keeps_gathered_layers_whole():
     import bench
     shape, tokens = (2, 4, 4, 2, 8, 10), 3  # layers, d, q, kv, ffn, vocab
@@ -1123,15 +1171,49 @@ def test_lora_memory_estimate_counts_the_adapters_peft_builds_and_drops_the_refe
     assert bench.lora_memory_estimate(shape, True, tokens, 4) == full - 20 * P + 2 * P + 16 * A
 
 
-def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_reports_it(tmp_path):
-    grid = [sys.executable, os.path.join(HERE, "experiments", "run.py"), "--methods", "dpo", "--noise", "0.2",
+@pytest.mark.slow
+def test_bench_reports_times_memory_and_flop_ratios(tmp_path):
+    import bench  # its main() here; the two peak-memory children are processes of their own
+    code, out, err = main_here(bench.main, ["bench.py", "--model", "tiny", "--batch_size", "2", "--max_length",
+                                            "32", "--steps", "2", "--disc_dim", "32", "--disc_heads", "2", "--json"])
+    assert code == 0, err[-2000:]
+    r = json.loads(out.strip().splitlines()[-1])
+    assert len(r["all_seconds"]["dpo"]) == len(r["all_seconds"]["ganpo"]) == 2
+    assert r["time_ratio"] == pytest.approx(r["seconds"]["ganpo"] / r["seconds"]["dpo"])
+    assert r["flops"]["ganpo"] > r["flops"]["dpo"] > 0
+    assert r["flop_ratio_formula"] == pytest.approx(r["flop_ratio_counted"], rel=0.03)
+    assert r["peak_bytes"]["dpo"] > 10 * 2 ** 20 and r["peak_bytes"]["ganpo"] > 10 * 2 ** 20
+    predicted = list(r["predicted_ratio"].values())  # 0.5B, 1.7B, 8B: the overhead shrinks as models grow
+    assert predicted == sorted(predicted, reverse=True) and predicted[-1] < 1.01
+    assert "GANPO/DPO: time" in out
+    rate = r["matmul_flops_per_s"]  # efficiency = achieved FLOP/s over a plain matmul's FLOP/s here
+    for arm in ("dpo", "ganpo"):
+        assert r["efficiency"][arm] == pytest.approx(r["flops"][arm] / r["seconds"][arm] / rate)
+    extra = (r["flops"]["ganpo"] - r["flops"]["dpo"]) / (r["seconds"]["ganpo"] - r["seconds"]["dpo"]) / rate
+    assert r["efficiency"]["extra"] == pytest.approx(extra)
+
+
+# --------------------------------------------------------------------------- experiments/run.py
+
+@pytest.mark.slow
+def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_reports_it(tmp_path, monkeypatch):
+    """experiments/run.py's main() in this process; each cell's train.py and eval.py are processes."""
+    spec = importlib.util.spec_from_file_location("grid", os.path.join(HERE, "experiments", "run.py"))
+    grid_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid_script)
+    grid = ["experiments/run.py", "--methods", "dpo", "--noise", "0.2",
             "--seeds", "0", "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"),
             "--train_flags", "--model tiny --max_steps 1 --batch_size 2 --max_length 48 --max_prompt_length 40",
             "--eval_flags", "--limit 4 --gen_prompts 1 --samples 1 --temperatures 1.0 --max_new_tokens 4"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # for the cells' processes
 
     def run(*flags):
-        return subprocess.run([*grid, *flags], capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
+        code, out, err = main_here(grid_script.main, [*grid, *flags])
+        return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    # the same cell, run again into another folder by `python experiments/run.py`, beside this one
+    check = subprocess.Popen([sys.executable, *grid, "--results", str(tmp_path / "check"), "--runs",
+                              str(tmp_path / "runs-check")], cwd=HERE, env=TEST_ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = run()
     assert first.returncode == 0, first.stderr[-2000:]
     path = tmp_path / "results" / "dpo-n0.2-s0.json"
@@ -1147,7 +1229,7 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_re
     again = run()
     assert again.returncode == 0 and "training" not in again.stdout  # a finished cell is not rerun
     # the same cell run again into another folder reproduces every figure; a changed figure is named
-    assert run("--results", str(tmp_path / "check")).returncode == 0
+    assert check.wait(timeout=300) == 0, check.stdout.read()[-2000:]
     cmp = run("--compare", str(tmp_path / "check"))
     assert cmp.returncode == 0 and "dpo-n0.2-s0: every figure equal" in cmp.stdout, cmp.stdout + cmp.stderr
     changed = json.loads((tmp_path / "check" / "dpo-n0.2-s0.json").read_text())
@@ -1188,3 +1270,13 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_re
     assert "| pref. acc | reward T=1.0 |\n" in rows  # one reward column per temperature the records hold
     for figure in ("results.png", "game.png", "comparison.png"):  # matplotlib is a requirement: the report always draws
         assert (tmp_path / figure).read_bytes()[:8] == PNG, figure
+
+
+if __name__ == "__main__":  # torchrun ... test_ganpo.py PLAN: the train.py runs of two_process_runs
+    for run in json.loads(sys.argv[1]):
+        stop = run.get("sigterm_during_step") if os.environ["RANK"] == "0" else None
+        code, printed = train_here(run["flags"], stop_during_step=stop, signum=signal.SIGTERM)
+        print(printed, flush=True)
+        assert code == 0, printed[-3000:]
+        torch.distributed.barrier()  # rank 0 has written the run's files before any rank goes on
+    torch.distributed.destroy_process_group()

@@ -161,10 +161,16 @@ def get_lr(step, max_steps, lr, warmup_steps, min_lr_ratio=0.1):
 
 # ----------------------------------------------------------------------------------------- setup
 
-def load_models(cfg, device, world, use_bf16):
-    """-> tokenizer, policy (train mode), ref (the frozen initial policy)."""
+def load_tokenizer(cfg):
     try:
-        tokenizer = loading.load_tokenizer(cfg.model)
+        return loading.load_tokenizer(cfg.model)
+    except ValueError as e:
+        fail(str(e))
+
+
+def load_models(cfg, tokenizer, device, world, use_bf16):
+    """-> policy (train mode), ref (the frozen initial policy)."""
+    try:
         # LoRA: the base never meets an optimizer; on a bf16 GPU it is kept in bf16 (half memory)
         dtype = torch.bfloat16 if cfg.lora_r and use_bf16 else torch.float32
         policy = loading.load_policy(cfg.model, tokenizer, cfg.seed, dtype=dtype)
@@ -182,7 +188,7 @@ def load_models(cfg, device, world, use_bf16):
     else:  # torchrun: FSDP2 shards both alike (and moves the shards to this rank's GPU)
         policy = scaleout.shard(policy, use_bf16, ganpo.forward_logps_and_hidden)
         ref = scaleout.shard(ref, use_bf16, ganpo.forward_logps_and_hidden)
-    return tokenizer, policy.train(), ref
+    return policy.train(), ref
 
 
 def read_split(data, split):
@@ -397,8 +403,9 @@ def main():
     use_bf16, autocast = scaleout.precision(device, cfg.dtype)  # CPU: float32
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    tokenizer, policy, ref = load_models(cfg, device, world, use_bf16)
-    train, held_out = load_data(cfg, tokenizer)
+    tokenizer = load_tokenizer(cfg)
+    train, held_out = load_data(cfg, tokenizer)  # bad data fails here, before a model loads
+    policy, ref = load_models(cfg, tokenizer, device, world, use_bf16)
     share = cfg.batch_size // world  # torchrun: the pairs of each step on this process
     micro, pad_id = share // cfg.grad_accum, tokenizer.pad_token_id
     periodic = {s: loading.batches_of(ex[:cfg.eval_pairs or None], micro, pad_id)
