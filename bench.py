@@ -158,8 +158,7 @@ def setup(cfg, arms):
             policy = scaleout.add_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     except ValueError as e:
         fail(str(e))
-    ref = (scaleout.AdaptersOff(policy, ganpo.forward_logps_and_hidden) if cfg.lora_r  # LoRA
-           else ganpo.make_reference(policy))
+    ref = ganpo.make_reference(policy)  # LoRA: the base, adapters off
     if cfg.gradient_checkpointing:
         scaleout.enable_checkpointing(policy)
     policy.train()

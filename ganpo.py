@@ -65,7 +65,10 @@ class GANPOConfig:
 
 
 def make_reference(policy):
-    """π_ref: a frozen copy of the initial policy, in eval mode, never in any optimizer."""
+    """π_ref: a frozen copy of the initial policy, in eval mode, never in any optimizer.
+    LoRA: no copy; the policy's own base with its adapters switched off (scaleout.AdaptersOff)."""
+    if scaleout.is_lora(policy):
+        return scaleout.AdaptersOff(policy, forward_logps_and_hidden)
     ref = copy.deepcopy(policy).eval()
     ref.requires_grad_(False)
     return ref

@@ -545,10 +545,6 @@ def lora_policy(tokenizer, r=4, dropout=0.1):
     return scaleout.add_lora(tiny_policy(tokenizer), r=r, alpha=8, dropout=dropout)
 
 
-def lora_reference(policy):
-    return scaleout.AdaptersOff(policy, ganpo.forward_logps_and_hidden)  # as train.py builds it
-
-
 def base_weights(policy):
     return {k: v.detach().clone() for k, v in policy.named_parameters() if "lora_" not in k}
 
@@ -568,7 +564,7 @@ def test_lora_step_0_has_zero_rewards_and_ln2_loss_and_the_reference_is_no_copy(
         policy = scaleout.add_lora(loading.load_policy("tiny", tokenizer, 0, dtype=torch.bfloat16), r=4, alpha=8, dropout=0.1)
     else:
         policy = lora_policy(tokenizer)
-    ref = lora_reference(policy)
+    ref = ganpo.make_reference(policy)
     assert isinstance(ref, scaleout.AdaptersOff) and list(ref.parameters()) == []  # no second model
     policy.train()  # LoRA dropout on in the policy's forward: the adapters still add exactly 0 at step 0
     m = lora_steps(policy, ref, tokenizer, 1, autocast=scaleout.precision("cpu", "bf16" if bf16 else "fp32")[1])[0]
@@ -578,7 +574,7 @@ def test_lora_step_0_has_zero_rewards_and_ln2_loss_and_the_reference_is_no_copy(
 
 def test_lora_trains_only_the_adapters_and_the_reference_never_moves(tokenizer):
     policy = lora_policy(tokenizer)
-    ref = lora_reference(policy)
+    ref = ganpo.make_reference(policy)
     trainable = {k for k, p in policy.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in k for k in trainable)
     batch = batch_of(tokenizer, make_rows(6, seed=50))
@@ -607,7 +603,7 @@ def test_lora_gradients_are_the_same_with_gradient_checkpointing(tokenizer):
         if checkpointing:
             scaleout.enable_checkpointing(policy)
         policy.train()
-        lora_steps(policy, lora_reference(policy), tokenizer, 2, adv_weight=1.0)
+        lora_steps(policy, ganpo.make_reference(policy), tokenizer, 2, adv_weight=1.0)
         weights.append({k: p.detach().clone() for k, p in policy.named_parameters() if p.requires_grad})
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
 

@@ -179,8 +179,7 @@ def load_models(cfg, tokenizer, device, world, use_bf16):
                                        cfg.lora_targets)
     except ValueError as e:
         fail(str(e))
-    ref = (scaleout.AdaptersOff(policy, ganpo.forward_logps_and_hidden) if cfg.lora_r  # LoRA
-           else ganpo.make_reference(policy))
+    ref = ganpo.make_reference(policy)  # LoRA: the base, adapters off
     if cfg.gradient_checkpointing:
         scaleout.enable_checkpointing(policy)
     if world == 1:
