@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -31,37 +31,43 @@ from transformers import HfArgumentParser
 import ganpo
 import loading
 import scaleout
+from ganpo import option
 from loading import fail
 
 
 @dataclass
 class BenchConfig:
-    model: str = field(default="smollm2", metadata={"help": "as train.py: smollm2 | tiny | HF id or folder"})
-    batch_size: int = field(default=4, metadata={"help": "preference pairs per optimizer step"})
-    max_length: int = field(default=256, metadata={"help": "tokens per sequence (a quarter of them prompt)"})
-    steps: int = field(default=3, metadata={"help": "timed steps per update, after one warm-up step each"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a bf16 GPU, else fp32) | bf16 | fp32"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder activations in backward"})
-    adv_weight: float = field(default=1.0, metadata={"help": "λ of the GANPO update (the other one is λ = 0: DPO)"})
-    disc_tokens: str = field(default="all", metadata={"help": "tokens the discriminators see: all | response"})
-    disc_dim: int = field(default=512, metadata={"help": "discriminator width"})
-    disc_layers: int = field(default=2, metadata={"help": "discriminator transformer layers"})
-    disc_heads: int = field(default=8, metadata={"help": "discriminator attention heads"})
-    disc_attention_dropout: float = field(default=-1.0, metadata={"help": "what-if: discriminator attention dropout (-1 = as trained, 0.1)"})
-    logits_chunk: int = field(default=1024, metadata={"help": "completion tokens per LM-head chunk (0 = all at once)"})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning), as train.py; needs peft"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha, as train.py"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout, as train.py (it stores a copy of each adapter's input)"})
-    lora_targets: str = field(default="all-linear", metadata={"help": "LoRA target modules, as train.py"})
-    vocab_size: int = field(default=0, metadata={"help": "--model tiny only: vocabulary size (0 = the tokenizer's)"})
-    memory: bool = field(default=True, metadata={"help": "measure peak memory in child processes (--no_memory skips)"})
-    peak_tflops: float = field(default=0.0, metadata={"help": "GPU peak bf16 TFLOP/s for MFU (0 = look up by GPU name)"})
-    seed: int = field(default=0, metadata={"help": "seeds the random batch and the discriminators"})
-    json: bool = field(default=False, metadata={"help": "print one JSON line of results at the end"})
-    gpu_fit: bool = field(default=False, metadata={"help": "print the estimated memory of common models on 24/80/141 GB GPUs and exit"})
-    gpus: str = field(default="", metadata={"help": "--gpu_fit: also the memory per GPU with FSDP over these numbers of GPUs (e.g. 4,8)"})
-    matmul: bool = field(default=False, metadata={"help": "print this machine's matmul rate in fp32 and bf16 autocast and exit"})
-    only: str = field(default="", metadata={"help": "internal: run dpo or ganpo alone and print its peak memory"})
+    model: str = option("smollm2", "as train.py: smollm2 | tiny | HF id or folder")
+    batch_size: int = option(4, "preference pairs per optimizer step")
+    max_length: int = option(256, "tokens per sequence (a quarter of them prompt)")
+    steps: int = option(3, "timed steps per update, after one warm-up step each")
+    dtype: str = option("auto", "auto (bf16 autocast on a bf16 GPU, else fp32) | bf16 | fp32")
+    gradient_checkpointing: bool = option(False, "recompute decoder activations in backward")
+    adv_weight: float = option(1.0, "λ of the GANPO update (the other one is λ = 0: DPO)")
+    disc_tokens: str = option("all", "tokens the discriminators see: all | response")
+    disc_dim: int = option(512, "discriminator width")
+    disc_layers: int = option(2, "discriminator transformer layers")
+    disc_heads: int = option(8, "discriminator attention heads")
+    disc_attention_dropout: float = option(-1.0, "what-if: discriminator attention dropout (-1 = "
+                                                 "as trained, 0.1)")
+    logits_chunk: int = option(1024, "completion tokens per LM-head chunk (0 = all at once)")
+    lora_r: int = option(0, "LoRA rank (0 = full fine-tuning), as train.py; needs peft")
+    lora_alpha: float = option(16.0, "LoRA alpha, as train.py")
+    lora_dropout: float = option(0.05, "LoRA dropout, as train.py (it stores a copy of each "
+                                       "adapter's input)")
+    lora_targets: str = option("all-linear", "LoRA target modules, as train.py")
+    vocab_size: int = option(0, "--model tiny only: vocabulary size (0 = the tokenizer's)")
+    memory: bool = option(True, "measure peak memory in child processes (--no_memory skips)")
+    peak_tflops: float = option(0.0, "GPU peak bf16 TFLOP/s for MFU (0 = look up by GPU name)")
+    seed: int = option(0, "seeds the random batch and the discriminators")
+    json: bool = option(False, "print one JSON line of results at the end")
+    gpu_fit: bool = option(False, "print the estimated memory of common models on 24/80/141 GB "
+                                  "GPUs and exit")
+    gpus: str = option("", "--gpu_fit: also the memory per GPU with FSDP over these numbers of "
+                           "GPUs (e.g. 4,8)")
+    matmul: bool = option(False, "print this machine's matmul rate in fp32 and bf16 autocast and "
+                                 "exit")
+    only: str = option("", "internal: run dpo or ganpo alone and print its peak memory")
 
 
 # dense bf16 peak of common GPUs, TFLOP/s (vendor datasheets, without sparsity)
@@ -271,7 +277,8 @@ def print_gpu_fit(pairs, T, gpus=(), lora_r=16):
     tokens = 2 * pairs * T
     print(f"Estimated memory of GANPO training, bf16 autocast + gradient checkpointing, one micro-batch of "
           f"{pairs} pairs x {T} tokens ({tokens} tokens); see memory_estimate() for the formula")
-    print(f"{'model':14s} {'params':>7s} {'state GiB':>9s} {'total GiB':>9s}  " + "  ".join(f"{g:>6s}" for g in GPUS_GIB))
+    gpu_heads = "  ".join(f"{g:>6s}" for g in GPUS_GIB)
+    print(f"{'model':14s} {'params':>7s} {'state GiB':>9s} {'total GiB':>9s}  " + gpu_heads)
     for name, (shape, tied) in FIT_MODELS.items():
         total = memory_estimate(shape, tied, tokens) / 2 ** 30
         print(f"{name:14s} {n_params(shape, tied) / 1e9:6.2f}B {20 * n_params(shape, tied) / 2 ** 30:9.1f} "
@@ -279,7 +286,7 @@ def print_gpu_fit(pairs, T, gpus=(), lora_r=16):
     print("(1.5 GiB is kept free for the CUDA context and allocator slack)")
     print(f"\nWith LoRA (--lora_r {lora_r}, every decoder linear layer): base weights in bf16, no reference copy; "
           f"see lora_memory_estimate()")
-    print(f"{'model':14s} {'params':>7s} {'adapters':>8s} {'total GiB':>9s}  " + "  ".join(f"{g:>6s}" for g in GPUS_GIB))
+    print(f"{'model':14s} {'params':>7s} {'adapters':>8s} {'total GiB':>9s}  " + gpu_heads)
     for name, (shape, tied) in FIT_MODELS.items():
         total = lora_memory_estimate(shape, tied, tokens, lora_r) / 2 ** 30
         print(f"{name:14s} {n_params(shape, tied) / 1e9:6.2f}B {lora_params(shape, lora_r) / 1e6:7.1f}M {total:9.1f}  "
@@ -292,7 +299,8 @@ def print_gpu_fit(pairs, T, gpus=(), lora_r=16):
         for name, (shape, tied) in FIT_MODELS.items():
             per_gpu = [fsdp_memory_estimate(shape, tied, tokens, n) / 2 ** 30 for n in gpus]
             on_80 = ", ".join(f"{n}" for n, g in zip(gpus, per_gpu) if g + 1.5 <= GPUS_GIB["80 GB"]) or "-"
-            print(f"{name:14s} {n_params(shape, tied) / 1e9:6.2f}B  " + "  ".join(f"{g:8.1f}" for g in per_gpu) + f"   {on_80}")
+            print(f"{name:14s} {n_params(shape, tied) / 1e9:6.2f}B  "
+                  + "  ".join(f"{g:8.1f}" for g in per_gpu) + f"   {on_80}")
 
 
 def main():
@@ -355,7 +363,8 @@ def main():
               "time_ratio": secs["ganpo"] / secs["dpo"],
               "flop_ratio_counted": flops["ganpo"] / flops["dpo"], "flop_ratio_formula": 1 + gan_f / dpo_f,
               "memory_ratio": peak["ganpo"] / peak["dpo"] if peak else None,
-              "mfu": {a: flops[a] / secs[a] / (peak_tflops * 1e12) for a in arms} if device == "cuda" and peak_tflops else None,
+              "mfu": ({a: flops[a] / secs[a] / (peak_tflops * 1e12) for a in arms}
+                      if device == "cuda" and peak_tflops else None),
               "matmul_flops_per_s": rate,
               # how close each update's arithmetic comes to a plain matmul's rate; "extra": what GANPO adds
               "efficiency": {**{a: flops[a] / secs[a] / rate for a in arms},
@@ -378,7 +387,8 @@ def main():
               f"{flops[a] / 1e9:8.1f} GFLOP/step{mem}{mfu}")
     mem = f" | peak memory {result['memory_ratio']:.3f}" if peak else ""
     print(f"GANPO/DPO: time {result['time_ratio']:.3f}{mem} | FLOPs {result['flop_ratio_counted']:.3f} counted, "
-          f"{result['flop_ratio_formula']:.3f} by step_flops()" + (" (a full fine-tuning formula)" if cfg.lora_r else ""))
+          f"{result['flop_ratio_formula']:.3f} by step_flops()"
+          + (" (a full fine-tuning formula)" if cfg.lora_r else ""))
     eff = {k: "n/a" if v is None else f"{v:.0%}" for k, v in result["efficiency"].items()}
     print(f"arithmetic rate vs a plain matmul here ({rate / 1e9:.1f} GFLOP/s): DPO {eff['dpo']}, "
           f"GANPO {eff['ganpo']}, what GANPO adds {eff['extra']}")

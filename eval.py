@@ -1,7 +1,8 @@
-"""Measure what GANPO changes: held-out preferences, latent drift, and generations under noise and shift.
+"""Measure what GANPO changes: held-out preferences, latent drift, and generations under noise
+and shift.
 
-    python eval.py                                   # the default run (out/ganpo-smollm2) on test and shift
-    python eval.py out/dpo out/ganpo --limit 32      # runs side by side
+    python eval.py                               # the default run (out/ganpo-smollm2), test + shift
+    python eval.py out/dpo out/ganpo --limit 32  # runs side by side
     python eval.py --help
 
 For each run folder (a train.py output) the reference is rebuilt from the run's --model, exactly
@@ -32,6 +33,7 @@ from transformers import HfArgumentParser
 import ganpo
 import loading
 import scaleout
+from ganpo import option
 from loading import fail
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # evaluation runs in float32 throughout
@@ -44,21 +46,22 @@ def progress(message):
 
 @dataclass
 class EvalConfig:
-    runs: list[str] = field(default_factory=lambda: ["out/ganpo-smollm2"], metadata={"help": "run folders (train.py --output_dir)"})
-    data: str = field(default="", metadata={"help": "held-out data (default: the run's --data)"})
-    split: str = field(default="test,shift", metadata={"help": "comma list of splits (bundled: test, shift)"})
-    limit: int = field(default=100, metadata={"help": "first N pairs (and at most N prompts) per split (0 = all)"})
-    gen_prompts: int = field(default=12, metadata={"help": "prompts per split for generation"})
-    temperatures: str = field(default="0.7,1.0,1.5", metadata={"help": "sampling temperatures (high = the paper's noise)"})
-    samples: int = field(default=2, metadata={"help": "samples per prompt, model and temperature"})
-    max_new_tokens: int = field(default=48, metadata={"help": "length cap of each sample"})
-    reward_model: str = field(default="", metadata={"help": "HF sequence-classification reward model (default: VADER)"})
-    batch_size: int = field(default=8, metadata={"help": "pairs per forward for preferences"})
-    seed: int = field(default=0, metadata={"help": "seeds sampling and the probe"})
-    out: str = field(default="", metadata={"help": "JSON path (default: RUN/eval.json for one run, eval.json for several)"})
-    plot: str = field(default="", metadata={"help": "PNG path (default: next to --out)"})
-    curves: bool = field(default=False, metadata={"help": "only draw RUN/curves.png, the training curves from "
-                                                           "RUN/metrics.jsonl (seconds; no model is loaded)"})
+    runs: list[str] = field(default_factory=lambda: ["out/ganpo-smollm2"],
+                            metadata={"help": "run folders (train.py --output_dir)"})
+    data: str = option("", "held-out data (default: the run's --data)")
+    split: str = option("test,shift", "comma list of splits (bundled: test, shift)")
+    limit: int = option(100, "first N pairs (and at most N prompts) per split (0 = all)")
+    gen_prompts: int = option(12, "prompts per split for generation")
+    temperatures: str = option("0.7,1.0,1.5", "sampling temperatures (high = the paper's noise)")
+    samples: int = option(2, "samples per prompt, model and temperature")
+    max_new_tokens: int = option(48, "length cap of each sample")
+    reward_model: str = option("", "HF sequence-classification reward model (default: VADER)")
+    batch_size: int = option(8, "pairs per forward for preferences")
+    seed: int = option(0, "seeds sampling and the probe")
+    out: str = option("", "JSON path (default: RUN/eval.json for one run, eval.json for several)")
+    plot: str = option("", "PNG path (default: next to --out)")
+    curves: bool = option(False, "only draw RUN/curves.png, the training curves from "
+                                 "RUN/metrics.jsonl (seconds; no model is loaded)")
 
 
 # ---------------------------------------------------------------------------------- latent drift
@@ -96,7 +99,8 @@ def probe_accuracy(policy_latents, ref_latents, seed, steps=300):
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x_train @ w + b, y_train) + 1e-3 * w.pow(2).sum()
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(x_train @ w + b, y_train)
+                + 1e-3 * w.pow(2).sum())
         loss.backward()
         return loss
     opt.step(closure)
@@ -131,7 +135,8 @@ def is_degenerate(text, n=3, repeats=3):
 
 
 def make_scorer(reward_model):
-    """texts -> rewards. VADER compound sentiment (the bundled task's ground truth) or a HF reward model."""
+    """texts -> rewards: VADER compound sentiment (the bundled task's ground truth) or a HF reward
+    model."""
     if not reward_model:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
         analyzer = SentimentIntensityAnalyzer()
@@ -146,11 +151,12 @@ def make_scorer(reward_model):
     @torch.no_grad()
     def score(prompts, texts):
         convs = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
-        enc = [tok.apply_chat_template(c, tokenize=False) if tok.chat_template else c[-2]["content"] + "\n" + t
-               for c, t in zip(convs, texts)]
+        enc = [tok.apply_chat_template(c, tokenize=False) if tok.chat_template
+               else c[-2]["content"] + "\n" + t for c, t in zip(convs, texts)]
         out = []
         for i in range(0, len(enc), 8):
-            batch = tok(enc[i:i + 8], return_tensors="pt", padding=True, truncation=True, max_length=1024)
+            batch = tok(enc[i:i + 8], return_tensors="pt", padding=True, truncation=True,
+                        max_length=1024)
             out += rm(**batch).logits[:, 0].float().tolist()
         return out
     return score
@@ -158,18 +164,22 @@ def make_scorer(reward_model):
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts, temperature, k, max_new_tokens, seed):
-    """K samples per prompt (lists of messages), batched with left padding -> (texts, completion ids)."""
+    """K samples per prompt (lists of messages), batched with left padding -> (texts, completion
+    ids)."""
     tokenizer.padding_side = "left"  # generation continues from the last column, so pad on the left
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+             for p in prompts]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(DEVICE)
     torch.manual_seed(seed)
     out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                         max_new_tokens=max_new_tokens, num_return_sequences=k, pad_token_id=tokenizer.pad_token_id)
+                         max_new_tokens=max_new_tokens, num_return_sequences=k,
+                         pad_token_id=tokenizer.pad_token_id)
     tokenizer.padding_side = "right"
     new = out[:, enc["input_ids"].shape[1]:]
     ids = []
+    ends = (tokenizer.eos_token_id, tokenizer.pad_token_id)
     for row in new.tolist():  # keep up to and including the first end-of-turn / EOS
-        cut = next((i + 1 for i, t in enumerate(row) if t in (tokenizer.eos_token_id, tokenizer.pad_token_id)), len(row))
+        cut = next((i + 1 for i, t in enumerate(row) if t in ends), len(row))
         ids.append(row[:cut])
     return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids], ids
 
@@ -178,31 +188,36 @@ def sample(model, tokenizer, prompts, temperature, k, max_new_tokens, seed):
 def sequence_logps(model, tokenizer, prompts, completion_ids, temperature, batch_size=16):
     """Summed log-probs of given completion token ids after each chat prompt (one per row), under
     softmax(logits / temperature): the distribution sample() draws from at that temperature."""
-    prompt_ids = [tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
-                            add_special_tokens=False)["input_ids"] for p in prompts]
+    chats = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    prompt_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in chats]
     out = []
     for i in range(0, len(prompts), batch_size):
-        batch = loading.pad_right(prompt_ids[i:i + batch_size], completion_ids[i:i + batch_size], tokenizer.pad_token_id)
-        logps, _, _ = ganpo.forward_logps_and_hidden(model, {k: v.to(DEVICE) for k, v in batch.items()},
-                                                     temperature=temperature)
+        batch = loading.pad_right(prompt_ids[i:i + batch_size], completion_ids[i:i + batch_size],
+                                  tokenizer.pad_token_id)
+        batch = {k: v.to(DEVICE) for k, v in batch.items()}
+        logps, _, _ = ganpo.forward_logps_and_hidden(model, batch, temperature=temperature)
         out += logps.tolist()
     return out
 
 
 def generation_metrics(policy, ref, tokenizer, prompts, temperature, cfg, score):
-    rep = [p for p in prompts for _ in range(cfg.samples)]  # generate() repeats each prompt k times in order
-    pol_texts, pol_ids = sample(policy, tokenizer, prompts, temperature, cfg.samples, cfg.max_new_tokens, cfg.seed)
-    ref_texts, ref_ids = sample(ref, tokenizer, prompts, temperature, cfg.samples, cfg.max_new_tokens, cfg.seed)
+    rep = [p for p in prompts for _ in range(cfg.samples)]  # generate() repeats each prompt k times
+    args = (tokenizer, prompts, temperature, cfg.samples, cfg.max_new_tokens, cfg.seed)
+    pol_texts, pol_ids = sample(policy, *args)
+    ref_texts, ref_ids = sample(ref, *args)
     pol_r, ref_r = score(rep, pol_texts), score(rep, ref_texts)
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(pol_r, ref_r)]
-    # KL(π_θ,T‖π_ref,T) ≈ E_{y~π_θ,T}[log π_θ,T(y|x) − log π_ref,T(y|x)], π_T = softmax(logits / T): the KL
-    # between the two distributions actually sampled at T (>= 0 in expectation; at T = 1 the models' own KL)
+    # KL(π_θ,T‖π_ref,T) ≈ E_{y~π_θ,T}[log π_θ,T(y|x) − log π_ref,T(y|x)], π_T = softmax(logits / T):
+    # the KL between the two distributions actually sampled at T (>= 0 in expectation; at T = 1 the
+    # models' own KL)
     kl = [a - b for a, b in zip(sequence_logps(policy, tokenizer, rep, pol_ids, temperature),
                                 sequence_logps(ref, tokenizer, rep, pol_ids, temperature))]
     n = len(pol_texts)
     return {"reward": sum(pol_r) / n, "ref_reward": sum(ref_r) / n, "win_rate": sum(wins) / n,
-            "length": sum(len(i) for i in pol_ids) / n, "ref_length": sum(len(i) for i in ref_ids) / n,
-            "distinct_2": distinct_2(pol_texts), "degenerate": sum(map(is_degenerate, pol_texts)) / n,
+            "length": sum(len(i) for i in pol_ids) / n,
+            "ref_length": sum(len(i) for i in ref_ids) / n, "distinct_2": distinct_2(pol_texts),
+            "degenerate": sum(map(is_degenerate, pol_texts)) / n,
             "kl": sum(kl) / n, "example": pol_texts[0]}
 
 
@@ -215,16 +230,16 @@ def evaluate_run(run, cfg, score):
     with open(path) as f:
         train_cfg = json.load(f)
     tokenizer = loading.load_tokenizer(train_cfg["model"])
-    # the reference is the base model as train.py built it, a frozen copy (a LoRA run's: the base, no adapter)
+    # the reference is the base model as train.py built it, a frozen copy (LoRA: the base alone)
     base = loading.load_policy(train_cfg["model"], tokenizer, train_cfg["seed"])
     ref = ganpo.make_reference(base).to(DEVICE)
     try:
-        if os.path.isfile(os.path.join(run, "adapter_config.json")):  # a LoRA run: its base + the adapter, merged
-            policy = scaleout.load_adapter(base, run)  # merged into the base itself; ref is the copy taken before
+        if os.path.isfile(os.path.join(run, "adapter_config.json")):  # LoRA: base + adapter
+            policy = scaleout.load_adapter(base, run)  # merged into base; ref: the copy before
         else:
             from transformers import AutoModelForCausalLM
             policy = AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32)
-        del base  # a full fine-tuning run's base is no longer needed (a LoRA run's is the policy now)
+        del base  # a full fine-tuning run's base is no longer needed (LoRA's is the policy now)
         policy = loading.disable_dropout(policy).eval().to(DEVICE)
     except ImportError:
         fail(f"{run}: a LoRA run; loading its adapter needs peft: pip install peft")
@@ -241,28 +256,33 @@ def evaluate_run(run, cfg, score):
         except ValueError as e:
             fail(str(e))
         rows = rows[:cfg.limit] if cfg.limit else rows
-        examples, dropped = loading.tokenize_rows(rows, tokenizer, train_cfg["max_length"], train_cfg["max_prompt_length"])
+        examples, dropped = loading.tokenize_rows(rows, tokenizer, train_cfg["max_length"],
+                                                  train_cfg["max_prompt_length"])
         if not examples:
             fail(f"--data {data} [{split}]: no pairs left after truncation")
         batches = [{k: v.to(DEVICE) for k, v in b.items()}
                    for b in loading.batches_of(examples, cfg.batch_size, tokenizer.pad_token_id)]
-        progress(f"{run} [{split}]: preferences, latent drift{' and discriminators' if discs else ''} "
-                 f"on {len(examples)} pairs")
-        prefs, latents = ganpo.evaluate(policy, ref, batches, method, nullcontext, latents=True, discs=discs)
+        progress(f"{run} [{split}]: preferences, latent drift"
+                 f"{' and discriminators' if discs else ''} on {len(examples)} pairs")
+        prefs, latents = ganpo.evaluate(policy, ref, batches, method, nullcontext, latents=True,
+                                        discs=discs)
         latents = {k: v.cpu() for k, v in latents.items()}
-        split_result = {"pairs": len(examples), "dropped": dropped, **prefs, **latent_drift(latents, cfg.seed),
-                        "generation": {}}
-        prompts = [r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
+        split_result = {"pairs": len(examples), "dropped": dropped, **prefs,
+                        **latent_drift(latents, cfg.seed), "generation": {}}
+        prompts = [r["prompt"] if isinstance(r["prompt"], list)
+                   else [{"role": "user", "content": r["prompt"]}]
                    for r in rows[:min(cfg.gen_prompts, len(rows))]]
         for t in [float(x) for x in cfg.temperatures.split(",") if x]:
-            progress(f"{run} [{split}]: {cfg.samples} samples of {len(prompts)} prompts at T = {t:g}, policy and reference")
-            split_result["generation"][str(t)] = generation_metrics(policy, ref, tokenizer, prompts, t, cfg, score)
+            progress(f"{run} [{split}]: {cfg.samples} samples of {len(prompts)} prompts at T = "
+                     f"{t:g}, policy and reference")
+            split_result["generation"][str(t)] = generation_metrics(policy, ref, tokenizer,
+                                                                    prompts, t, cfg, score)
         result["splits"][split] = split_result
     return result
 
 
 def load_discriminators(run, method, d_model):
-    """The trained discriminators from RUN/checkpoint.pt, in eval mode, or None (DPO runs have none).
+    """The trained discriminators from RUN/checkpoint.pt, in eval mode, or None (DPO has none).
     mmap: only the discriminators' tensors are read from the checkpoint, not the policy's."""
     path = os.path.join(run, "checkpoint.pt")
     if not os.path.isfile(path) or method.adv_weight == 0:
@@ -291,21 +311,24 @@ def print_table(results):
             ("rewards/margins", "reward margin", "{:.3f}"), ("opo/loss", "loss", "{:.4f}"),
             ("latent/cosine", "latent cosine", "{:.4f}"), ("latent/mmd2", "latent MMD²", "{:.4f}"),
             ("latent/probe_accuracy", "probe accuracy", "{:.3f}")]
-    disc_rows = [("disc/auc_real_fake", "D AUC ref > policy"), ("disc/auc_fake_contrast", "D AUC policy > other")]
+    disc_rows = [("disc/auc_real_fake", "D AUC ref > policy"),
+                 ("disc/auc_fake_contrast", "D AUC policy > other")]
     gen_rows = [("reward", "reward"), ("win_rate", "win rate vs ref"), ("kl", "KL, both at T"),
-                ("length", "length (tokens)"), ("distinct_2", "distinct-2"), ("degenerate", "degenerate share")]
+                ("length", "length (tokens)"), ("distinct_2", "distinct-2"),
+                ("degenerate", "degenerate share")]
     width = max(14, *(len(n) for n in names))
     for split in splits:
         print(f"\n== {split} ==")
         print(f"{'':<24}" + "".join(f"{n:>{width + 2}}" for n in names))
         for key, label, fmt in rows:
-            print(f"{label:<24}" + "".join(f"{fmt.format(r['splits'][split][key]):>{width + 2}}" for r in results))
+            print(f"{label:<24}" + "".join(f"{fmt.format(r['splits'][split][key]):>{width + 2}}"
+                                           for r in results))
         if any("disc/auc_real_fake" in r["splits"][split] for r in results):
             print("discriminators' view (the trained discriminators on these pairs; 0.5 = chance)")
             for key, label in disc_rows:
-                print(f"{label:<24}" + "".join(
-                    f"{r['splits'][split][key]:>{width + 2}.3f}" if key in r["splits"][split] else f"{'-':>{width + 2}}"
-                    for r in results))
+                cells = [f"{r['splits'][split][key]:.3f}" if key in r["splits"][split] else "-"
+                         for r in results]
+                print(f"{label:<24}" + "".join(f"{c:>{width + 2}}" for c in cells))
         for t in results[0]["splits"][split]["generation"]:
             for key, label in gen_rows:
                 print(f"{label + ' @T=' + t:<24}" + "".join(
@@ -333,12 +356,16 @@ def plot(results, path):
         for r, name in zip(results, run_names(results)):
             gen = r["splits"][split]["generation"]
             temps = [float(t) for t in gen]
-            axes[0][j].plot([gen[t]["kl"] for t in gen], [gen[t]["reward"] for t in gen], "o-", label=name)
-            axes[1][j].plot(temps, [gen[t]["reward"] for t in gen], "o-", label=name)
+            rewards = [gen[t]["reward"] for t in gen]
+            axes[0][j].plot([gen[t]["kl"] for t in gen], rewards, "o-", label=name)
+            axes[1][j].plot(temps, rewards, "o-", label=name)
         first = results[0]["splits"][split]["generation"]
-        axes[1][j].plot([float(t) for t in first], [first[t]["ref_reward"] for t in first], "k--", label="reference")
-        axes[0][j].set(title=f"{split}: reward vs KL", xlabel="sampled KL(policy_T‖ref_T)", ylabel="mean reward")
-        axes[1][j].set(title=f"{split}: reward vs temperature", xlabel="temperature", ylabel="mean reward")
+        axes[1][j].plot([float(t) for t in first], [first[t]["ref_reward"] for t in first], "k--",
+                        label="reference")
+        axes[0][j].set(title=f"{split}: reward vs KL", xlabel="sampled KL(policy_T‖ref_T)",
+                       ylabel="mean reward")
+        axes[1][j].set(title=f"{split}: reward vs temperature", xlabel="temperature",
+                       ylabel="mean reward")
         axes[0][j].legend()
         axes[1][j].legend()
     fig.tight_layout()
@@ -347,7 +374,7 @@ def plot(results, path):
 
 def plot_curves(run):
     """RUN/curves.png from RUN/metrics.jsonl: what train.py logged, per step (lines) and at each
-    held-out evaluation (markers), with the discriminators' diagnostics (SPEC §8) in the bottom row."""
+    held-out evaluation (markers), with the discriminators' diagnostics in the bottom row."""
     path = os.path.join(run, "metrics.jsonl")
     if not os.path.isfile(path):
         fail(f"{path}: no such file (is {run} a train.py --output_dir?)")
@@ -365,19 +392,23 @@ def plot_curves(run):
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
 
     def draw(ax, key, label, held_out_key=None, held_out_label=None):
-        """One logged value per step (a line), and its held-out counterpart at each evaluation (markers)."""
-        line = ax.plot([m["step"] for m in steps if key in m], [m[key] for m in steps if key in m], label=label)
+        """One logged value per step (a line), its held-out counterpart at each evaluation
+        (markers)."""
+        logged = [m for m in steps if key in m]
+        line = ax.plot([m["step"] for m in logged], [m[key] for m in logged], label=label)
+        name = label if held_out_label is None else held_out_label
         for split, ms in evals.items():
             ms = [m for m in ms if held_out_key in m] if held_out_key else []
             if ms:
-                ax.plot([m["step"] for m in ms], [m[held_out_key] for m in ms], "o--", color=line[0].get_color(),
-                        label=f"{label if held_out_label is None else held_out_label}, held-out {split}".lstrip(", "))
+                ax.plot([m["step"] for m in ms], [m[held_out_key] for m in ms], "o--",
+                        color=line[0].get_color(), label=f"{name}, held-out {split}".lstrip(", "))
 
     draw(axes[0][0], "loss", "total loss")
     draw(axes[0][0], "opo/loss", "preference loss", "eval/opo/loss")
     draw(axes[0][1], "rewards/margins", "reward margin", "eval/rewards/margins")
     draw(axes[0][2], "rewards/accuracies", "batch", "eval/rewards/accuracies", "")
-    for ax, title in zip(axes[0], ("loss", "reward margin (chosen − rejected)", "preference accuracy")):
+    titles = ("loss", "reward margin (chosen − rejected)", "preference accuracy")
+    for ax, title in zip(axes[0], titles):
         ax.set(title=title, xlabel="step")
     if not any("disc/loss" in m for m in steps):
         for ax in axes[1]:
@@ -388,15 +419,17 @@ def plot_curves(run):
         draw(axes[1][0], "disc/contrast_loss", "D contrastive pair")
         draw(axes[1][0], "gen/loss", "generator")
         axes[1][0].axhline(math.log(2), color="gray", lw=0.8, label="ln 2 (chance)")
-        draw(axes[1][1], "disc/real_fake_acc", "real > fake, batch accuracy", "eval/disc/auc_real_fake", "real > fake, AUC")
-        draw(axes[1][1], "disc/contrast_acc", "fake > other polarity, batch accuracy", "eval/disc/auc_fake_contrast",
-             "fake > other polarity, AUC")
+        draw(axes[1][1], "disc/real_fake_acc", "real > fake, batch accuracy",
+             "eval/disc/auc_real_fake", "real > fake, AUC")
+        draw(axes[1][1], "disc/contrast_acc", "fake > other polarity, batch accuracy",
+             "eval/disc/auc_fake_contrast", "fake > other polarity, AUC")
         axes[1][1].axhline(0.5, color="gray", lw=0.8)
         for name in ("chosen", "rejected"):
             draw(axes[1][2], f"disc/{name}/weight_change", f"{name} discriminator")
         axes[1][2].set_yscale("symlog", linthresh=1e-4)  # frozen discriminators stay at exactly 0
-        for ax, title in zip(axes[1], ("discriminator losses", "discriminator accuracy (batch), AUC (held-out)",
-                                       "‖θ_D − θ_D,0‖ / ‖θ_D,0‖")):
+        titles = ("discriminator losses", "discriminator accuracy (batch), AUC (held-out)",
+                  "‖θ_D − θ_D,0‖ / ‖θ_D,0‖")
+        for ax, title in zip(axes[1], titles):
             ax.set(title=title, xlabel="step")
     for ax in axes.flat:
         if ax.get_legend_handles_labels()[0]:

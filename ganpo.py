@@ -17,12 +17,10 @@ Symbols of the paper -> names in this file
     m̄                  ema[...]  (detached running means of the discriminators' logits)
     λ, β, γ, ε, μ      adv_weight, beta, gamma, label_smoothing, ema_decay
 
-Read in this order: the config; log-probs and latents; the base losses; the discriminator; the
+Sections, in the paper's order: log-probs and latents; the base losses; the discriminator; the
 adversarial losses and running means; one optimizer step; watching the game. The README lists
 where we depart from the authors' code. This module never parses argv and never prints.
-
-torchrun: a few lines call the hooks of scaleout.py (each marked `torchrun:`); on one process every
-one of them does nothing, and the numbers are exactly the single-device ones.
+torchrun: lines marked so call hooks of scaleout.py; on one process each of them does nothing.
 """
 import copy
 import math
@@ -48,20 +46,16 @@ class GANPOConfig:
     beta: float = option(0.1, "β of DPO, IPO and SimPO (SimPO papers use ~2.0)")
     gamma: float = option(0.5, "γ, the SimPO target margin")
     label_smoothing: float = option(0.0, "ε of conservative DPO")
-    adv_weight: float = option(1.0, "λ of the generator loss (authors: 1.0); 0 = plain OPO, no "
-                                    "discriminators built")
+    adv_weight: float = option(1.0, "λ of L_G (authors: 1.0); 0 = plain OPO, no discriminators")
     disc_tokens: str = option("all", "tokens the discriminators see: all (authors') | response")
     disc_dim: int = option(512, "discriminator width (authors: 512)")
     disc_layers: int = option(2, "discriminator transformer layers (authors: 2)")
     disc_heads: int = option(8, "discriminator attention heads (authors: 8)")
     disc_dropout: float = option(0.1, "discriminator dropout (authors: 0.1)")
-    disc_loss: str = option("quad", "quad (authors': real/fake + contrastive pair) | ragan "
-                                    "(real/fake pair only)")
-    disc_steps: int = option(1, "discriminator updates per policy step on that step's latents "
-                                "(authors: 1)")
+    disc_loss: str = option("quad", "quad (authors': real/fake + contrast) | ragan (real/fake)")
+    disc_steps: int = option(1, "discriminator updates per policy step, on its latents (authors 1)")
     ema_decay: float = option(0.9, "μ of the running means of discriminator logits (authors: 0.9)")
-    logits_chunk: int = option(1024, "completion tokens per LM-head chunk: bounds the float32 "
-                                     "logits in memory")
+    logits_chunk: int = option(1024, "completion tokens per LM-head chunk (bounds float32 logits)")
 
 
 def make_reference(policy):
@@ -74,8 +68,7 @@ def make_reference(policy):
     return ref
 
 
-# ----------------------------------------------------------------------------------------------
-# log-probs and latents: one forward of [chosen; rejected] per model
+# --- log-probs and latents: one forward of [chosen; rejected] per model -----------------------
 
 def _token_logps(lm_head, hidden, labels, temperature=1.0):
     """log p(label) for each row of hidden (N, d): gather minus logsumexp, in float32.
@@ -87,8 +80,8 @@ def _token_logps(lm_head, hidden, labels, temperature=1.0):
 
 
 def chunked_token_logps(lm_head, h, labels, chunk_tokens=1024, temperature=1.0):
-    """_token_logps over the rows of h (N, d) in chunks of chunk_tokens, each under activation
-    checkpointing when gradients are on -> (N,)."""
+    """_token_logps over the rows of h (N, d) in chunks -> (N,). With gradients on, each chunk is
+    checkpointed: its float32 (chunk, V) logits are freed after the forward, rebuilt in backward."""
     pieces = []
     for i in range(0, h.shape[0], chunk_tokens):
         args = (lm_head, h[i:i + chunk_tokens], labels[i:i + chunk_tokens], temperature)
@@ -101,10 +94,8 @@ def forward_logps_and_hidden(model, batch, chunk_tokens=1024, temperature=1.0):
     """One forward -> (sum_logps (2B,), n_tokens (2B,), hidden (2B, T, d)).
 
     We call the decoder ourselves and apply the LM head only to completion positions: no logits
-    for prompt or padding tokens, and no tuple of every layer's hidden states
-    (output_hidden_states=True keeps all of them). Logits at position t predict token t+1, hence
-    the single shift. Each LM-head chunk runs under activation checkpointing, so its float32
-    (chunk, V) logits are freed after the forward and recomputed in the backward."""
+    for prompt or padding, no tuple of every layer's states (output_hidden_states=True). Logits at
+    t predict token t+1, hence the one shift. Each LM-head chunk is checkpointed (chunked_...)."""
     if not hasattr(model, "get_decoder"):  # torchrun or LoRA's reference: a wrapper whose forward
         return model(batch, chunk_tokens, temperature)  # calls this function (scaleout.py)
     out = model.get_decoder()(input_ids=batch["input_ids"],
@@ -121,8 +112,7 @@ def forward_logps_and_hidden(model, batch, chunk_tokens=1024, temperature=1.0):
     return sum_logps, scored.sum(-1), hidden
 
 
-# ----------------------------------------------------------------------------------------------
-# base OPO losses: pure functions of (B,) tensors
+# --- base OPO losses: pure functions of (B,) tensors ------------------------------------------
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
              beta, label_smoothing=0.0):
@@ -175,18 +165,21 @@ def preference_metrics(policy_logps, ref_logps, n_tokens, beta, losses):
     return {"opo/loss": losses.mean(), "rewards/chosen": r_w.mean(),
             "rewards/rejected": r_l.mean(), "rewards/accuracies": (r_w > r_l).float().mean(),
             "rewards/margins": (r_w - r_l).mean(), "logps/chosen": policy_logps[:B].mean(),
-            "logps/rejected": policy_logps[B:].mean(),
-            "length/chosen": n_tokens[:B].float().mean(),
+            "logps/rejected": policy_logps[B:].mean(), "length/chosen": n_tokens[:B].float().mean(),
             "length/rejected": n_tokens[B:].float().mean()}
 
 
-# ----------------------------------------------------------------------------------------------
-# the discriminator
+# --- the discriminator ------------------------------------------------------------------------
+
+def mean_pool(hidden, mask):
+    """(B, T, d), (B, T) -> (B, d): the mean over the tokens the mask keeps."""
+    keep = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)
+
 
 class Discriminator(nn.Module):
-    """Sequence of hidden states (B, T, d_model) + token mask (B, T) -> one logit per sequence (B,).
-
-    Spectral-normalised input projection and head (they keep D Lipschitz, so its gradient to the
+    """Hidden states (B, T, d_model) + token mask (B, T) -> one logit per sequence (B,).
+    Spectral-normalised input projection and head (D stays Lipschitz, so its gradient to the
     policy stays bounded), a learned positional table, pre-LN transformer layers that ignore
     masked tokens, and a mean pool over the tokens the mask keeps (the authors' code pools over
     padding too, so a row's score there depends on the longest row of its batch)."""
@@ -207,24 +200,18 @@ class Discriminator(nn.Module):
         hidden, mask = hidden[:, :T], mask[:, :T]
         x = self.proj(hidden.to(self.pos.dtype)) + self.pos[:T]  # (B, T, d_disc)
         x = self.encoder(x, src_key_padding_mask=~mask)
-        keep = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-        pooled = (x * keep).sum(1) / keep.sum(1).clamp(min=1)  # (B, d_disc): padding never counts
-        return self.head(pooled).squeeze(-1).float()  # (B,)
+        return self.head(mean_pool(x, mask)).squeeze(-1).float()  # (B,): padding never counts
 
 
 def build_discriminators(d_model, cfg):
     """D_w and D_l, one per response polarity."""
-    def one():
-        return Discriminator(d_model, cfg.disc_dim, cfg.disc_layers, cfg.disc_heads,
-                             cfg.disc_dropout)
-    return nn.ModuleDict({"chosen": one(), "rejected": one()})
-
-
-OTHER = {"chosen": "rejected", "rejected": "chosen"}
+    return nn.ModuleDict({side: Discriminator(d_model, cfg.disc_dim, cfg.disc_layers,
+                                              cfg.disc_heads, cfg.disc_dropout)
+                          for side in ("chosen", "rejected")})
 
 
 def split_latents(batch, policy_hidden, ref_hidden, which):
-    """[chosen; rejected] (2B, T, d) latents -> real, fake, mask, each {"chosen": .., "rejected": ..}.
+    """[chosen; rejected] (2B, T, d) latents -> real, fake, mask: each {"chosen", "rejected"}.
     which: the tokens the discriminators see, all (prompt + response) or response."""
     B = policy_hidden.shape[0] // 2
     mask = batch["attention_mask"] if which == "all" else batch["completion_mask"]
@@ -236,13 +223,13 @@ def split_latents(batch, policy_hidden, ref_hidden, which):
 def score(discs, side, real, fake, mask, roles=("real", "fake", "contrast")):
     """D_side's logits (B,) of the latent sets it plays with, in the order of `roles`:
     real = H_ref of its polarity, fake = H_θ of its polarity, contrast = H_ref of the other one."""
+    other = "rejected" if side == "chosen" else "chosen"
     inputs = {"real": (real[side], mask[side]), "fake": (fake[side], mask[side]),
-              "contrast": (real[OTHER[side]], mask[OTHER[side]])}
+              "contrast": (real[other], mask[other])}
     return {f"{side}/{role}": discs[side](*inputs[role]) for role in roles}
 
 
-# ----------------------------------------------------------------------------------------------
-# adversarial losses: the "quad" relativistic-average GAN with running means
+# --- adversarial losses: the "quad" relativistic-average GAN with running means ---------------
 
 def bce(logits, target):
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, float(target)))
@@ -251,7 +238,9 @@ def bce(logits, target):
 def pair_loss(above, below, m_above, m_below):
     """One relativistic-average pair, logits (B,) and running means m̄ (scalars):
         ½·[BCE(x − m̄_y, 1) + BCE(y − m̄_x, 0)]      x = above, y = below
-    x should score above the running mean of y, and y below that of x."""
+    x should score above the running mean of y, and y below that of x. With x = real, y = fake it
+    is RaGAN's discriminator loss (Jolicoeur-Martineau 2018), --disc_loss ragan: D then learns only
+    to tell the reference's latents from the policy's, nothing of chosen/rejected."""
     return 0.5 * (bce(above - m_below, 1) + bce(below - m_above, 0))
 
 
@@ -266,13 +255,6 @@ def quad_disc_loss(real, fake, contrast, m_real, m_fake, m_contrast):
                    + bce(fake - m_contrast, 1) + bce(contrast - m_fake, 0))
 
 
-def ragan_disc_loss(real, fake, m_real, m_fake):
-    """Two-term relativistic-average loss (RaGAN, Jolicoeur-Martineau 2018), real/fake pair only:
-        L_D = ½·[BCE(a − m̄_f, 1) + BCE(f − m̄_a, 0)]
-    D only learns to tell the reference's latents from the policy's, nothing of chosen/rejected."""
-    return pair_loss(real, fake, m_real, m_fake)
-
-
 def generator_loss(fake_chosen, fake_rejected, m_real_chosen, m_real_rejected):
     """L_G = ½·[BCE(D_w(H_θ^w) − m̄_a, 1) + BCE(D_l(H_θ^l) − m̄_a', 1)]: the policy's latents
     should score above the running mean of the reference's. fake_* are (B,) logits that carry
@@ -283,14 +265,9 @@ def generator_loss(fake_chosen, fake_rejected, m_real_chosen, m_real_rejected):
 def ragan_generator_loss(fake, real, m_real):
     """RaGAN generator loss for one discriminator, logits (B,):
         L_G = ½·[BCE(f − m̄_a, 1) + BCE(a − mean(f), 0)]
-    The second term uses this batch's mean of f, not its running mean: it carries gradient, so
-    the policy is also paid for pulling the reference's relative score down, as in RaGAN.
-    a = D(H_ref) needs no gradient (the reference is frozen)."""
+    The second term uses this batch's mean of f, not its running mean: it carries gradient, so the
+    policy is also paid for pulling the reference's relative score down, as in RaGAN."""
     return 0.5 * (bce(fake - m_real, 1) + bce(real - fake.mean(), 0))
-
-
-EMA_KEYS = ("chosen/real", "chosen/fake", "chosen/contrast",
-            "rejected/real", "rejected/fake", "rejected/contrast")
 
 
 def update_ema(ema, logits, decay):
@@ -300,17 +277,14 @@ def update_ema(ema, logits, decay):
         ema[key] = value if key not in ema else decay * ema[key] + (1 - decay) * value
 
 
-# ----------------------------------------------------------------------------------------------
-# one GANPO optimizer step
+# --- one GANPO optimizer step -----------------------------------------------------------------
 
 def discriminator_backward(discs, real, fake, mask, cfg, ema, n_micro, autocast, learn=True):
     """Score detached latents with both discriminators, update the running means, and (if they
-    learn) backward L_D / n_micro into them. -> the loss split into its two pairs, with each
-    pair's ranking accuracy on this batch.
-
-    D_w sees real = H_ref^w, fake = H_θ^w, contrast = H_ref^l; D_l the mirror image. Frozen
-    discriminators (learn=False) stay in eval mode with no gradient: no dropout and no
-    spectral-norm power iteration, so the policy meets the same random networks at every step."""
+    learn) backward L_D / n_micro into them -> the loss, its two pairs and their accuracies.
+    D_w sees real = H_ref^w, fake = H_θ^w, contrast = H_ref^l; D_l the mirror image. Frozen ones
+    (learn=False) stay in eval mode with no gradient: no dropout and no spectral-norm power
+    iteration, so the policy meets the same random networks at every step."""
     discs.train(learn)
     discs.requires_grad_(learn)
     metrics = {}
@@ -320,7 +294,7 @@ def discriminator_backward(discs, real, fake, mask, cfg, ema, n_micro, autocast,
         update_ema(ema, logits, cfg.ema_decay)
         (a, f, n), (m_a, m_f, m_n) = logits.values(), [ema[k] for k in logits]
         d_loss = (quad_disc_loss(a, f, n, m_a, m_f, m_n) if cfg.disc_loss == "quad"
-                  else ragan_disc_loss(a, f, m_a, m_f))
+                  else pair_loss(a, f, m_a, m_f))
         if learn:  # one discriminator's activations alive at a time
             (d_loss / n_micro).backward()
         with torch.no_grad():  # both pairs, whichever loss trains D
@@ -340,27 +314,22 @@ def adversarial_loss(discs, real, fake, mask, cfg, ema, autocast):
     `fake` are NOT detached, so the gradient reaches θ."""
     discs.eval()
     discs.requires_grad_(False)
+    roles = ["fake"] if cfg.disc_loss == "quad" else ["fake", "real"]  # real: no gradient at all
     with autocast():
-        f = {**score(discs, "chosen", real, fake, mask, ["fake"]),
-             **score(discs, "rejected", real, fake, mask, ["fake"])}
+        d = {**score(discs, "chosen", real, fake, mask, roles),
+             **score(discs, "rejected", real, fake, mask, roles)}
     if cfg.disc_loss == "quad":
-        return generator_loss(f["chosen/fake"], f["rejected/fake"], ema["chosen/real"],
+        return generator_loss(d["chosen/fake"], d["rejected/fake"], ema["chosen/real"],
                               ema["rejected/real"])
-    with autocast(), torch.no_grad():
-        a = {**score(discs, "chosen", real, fake, mask, ["real"]),
-             **score(discs, "rejected", real, fake, mask, ["real"])}
-    return 0.5 * (ragan_generator_loss(f["chosen/fake"], a["chosen/real"], ema["chosen/real"])
-                  + ragan_generator_loss(f["rejected/fake"], a["rejected/real"],
-                                         ema["rejected/real"]))
+    return 0.5 * sum(ragan_generator_loss(d[f"{side}/fake"], d[f"{side}/real"], ema[f"{side}/real"])
+                     for side in ("chosen", "rejected"))
 
 
 def ganpo_micro_step(policy, ref, discs, batch, cfg, ema, n_micro, autocast, learn=True):
-    """Forward, discriminator backward and policy backward for one micro-batch.
-    -> (metrics, the discriminators' detached inputs, for further discriminator updates).
-
-    Both backwards are divided by n_micro, so the accumulated gradients are means over the whole
-    optimizer step, as with one big batch (for the OPO part exactly; the running means make the
-    GAN part depend on the order of micro-batches)."""
+    """Forward, discriminator backward and policy backward for one micro-batch -> (metrics, the
+    discriminators' detached inputs, for further updates). Both backwards are divided by n_micro:
+    the accumulated gradients are means over the optimizer step, as with one big batch (for OPO
+    exactly; the running means make the GAN part depend on the order of micro-batches)."""
     with autocast():
         policy_logps, n_tokens, policy_hidden = forward_logps_and_hidden(policy, batch,
                                                                          cfg.logits_chunk)
@@ -384,25 +353,15 @@ def ganpo_micro_step(policy, ref, discs, batch, cfg, ema, n_micro, autocast, lea
     return metrics, disc_inputs
 
 
-def clip_grad_norm(params, max_norm):
-    """-> the gradients' norm before clipping to max_norm (0 = no clipping)."""
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return torch.zeros(())
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # torchrun: FSDP2's norm
-
-
 def ganpo_step(policy, ref, discs, policy_opt, disc_opt, micro_batches, cfg, ema, autocast,
                max_grad_norm=1.0):
     """One optimizer step over len(micro_batches) micro-batches -> the step's averaged metrics.
 
-    The discriminators step at the same accumulation boundary as the policy, cfg.disc_steps
-    times: the first update uses the gradients of the micro-steps; each further one scores this
-    step's detached latents again (fresh dropout) and steps. Why more than one: Adam moves a
-    weight by at most about lr per update, so a slow discriminator never leaves its random
-    initialisation in a short run; GAN practice gives the discriminator more updates (n_critic)
-    or a larger rate (TTUR). Without an optimizer (disc_opt None) they are frozen: never step."""
+    The discriminators step at the policy's accumulation boundary, cfg.disc_steps times: the first
+    update uses the micro-steps' gradients, each further one scores this step's detached latents
+    again (fresh dropout). More than one, because Adam moves a weight by about lr per update at
+    most, so a slow discriminator barely leaves its initialisation in a short run (GAN practice:
+    n_critic updates, or TTUR's larger rate). disc_opt None: frozen discriminators, never step."""
     k, learn = len(micro_batches), disc_opt is not None
     per_micro = []
     for i, b in enumerate(micro_batches):
@@ -416,23 +375,21 @@ def ganpo_step(policy, ref, discs, policy_opt, disc_opt, micro_batches, cfg, ema
             for _, disc_inputs in per_micro:
                 discriminator_backward(discs, *disc_inputs, cfg, ema, k, autocast)
         scaleout.average_gradients(discs)  # torchrun: every rank's copy takes the same step
-        grad_norm = clip_grad_norm(discs.parameters(), max_grad_norm)
+        grad_norm = scaleout.clip_grad_norm(discs.parameters(), max_grad_norm)
         metrics.setdefault("disc/grad_norm", grad_norm)  # the first update's
         disc_opt.step()
         disc_opt.zero_grad(set_to_none=True)
-    metrics["policy/grad_norm"] = clip_grad_norm(policy.parameters(), max_grad_norm)
+    metrics["policy/grad_norm"] = scaleout.clip_grad_norm(policy.parameters(), max_grad_norm)
     policy_opt.step()
     policy_opt.zero_grad(set_to_none=True)
     return {key: float(v) for key, v in metrics.items()}
 
 
-# ----------------------------------------------------------------------------------------------
-# watching the game, and held-out evaluation
+# --- watching the game, and held-out evaluation -----------------------------------------------
 
 def auc(above, below):
-    """P(score of an `above` item > score of a `below` item) over all pairs, ties count ½ (the
-    Mann-Whitney U statistic over n·m): 0.5 = cannot tell them apart, 1 = always ranks `above`
-    higher."""
+    """P(an `above` score > a `below` score) over all pairs, ties ½ (Mann-Whitney U / n·m):
+    0.5 = cannot tell them apart, 1 = always ranks `above` higher."""
     diff = above.double()[:, None] - below.double()[None, :]  # (n, m)
     return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
 
@@ -443,12 +400,6 @@ def relative_change(module, initial):
     num = sum(float((p.detach().float() - initial[n].float()).pow(2).sum()) for n, p in params)
     den = sum(float(initial[n].float().pow(2).sum()) for n, _ in params)
     return math.sqrt(num / den)
-
-
-def mean_pool(hidden, mask):
-    """(B, T, d), (B, T) -> (B, d): mean over the tokens the mask keeps, in float32."""
-    keep = mask.unsqueeze(-1).float()
-    return (hidden.float() * keep).sum(1) / keep.sum(1).clamp(min=1)
 
 
 def disc_aucs(scores):
@@ -467,11 +418,9 @@ def disc_aucs(scores):
 def evaluate(policy, ref, batches, cfg, autocast, latents=False, ref_cache=None, discs=None):
     """Preference metrics on held-out batches, averaged over pairs.
     latents=True: also returns {"policy", "ref"}: mean-pooled last-layer states (2·pairs, d).
-    discs: also the trained discriminators' own view of these pairs (eval mode), per
-    discriminator and averaged over both:
+    discs: also the discriminators' view of these pairs, each one's and their mean:
         disc/auc_real_fake      AUC of reference over policy latents of its polarity (0.5 = chance)
-        disc/auc_fake_contrast  AUC of policy latents of its polarity over reference latents of
-                                the other polarity
+        disc/auc_fake_contrast  AUC of policy latents over reference latents of the other polarity
     ref_cache: a dict kept between calls; the reference never changes, so it runs once."""
     sums, n, pooled, scores = {}, 0, {"policy": [], "ref": []}, {}
     need_hidden = latents or discs is not None
@@ -498,8 +447,8 @@ def evaluate(policy, ref, batches, cfg, autocast, latents=False, ref_cache=None,
             sums[key] = sums.get(key, 0.0) + float(v) * B
         n += B
         if latents:
-            pooled["policy"].append(mean_pool(policy_hidden, batch["attention_mask"]))
-            pooled["ref"].append(mean_pool(ref_hidden, batch["attention_mask"]))
+            pooled["policy"].append(mean_pool(policy_hidden.float(), batch["attention_mask"]))
+            pooled["ref"].append(mean_pool(ref_hidden.float(), batch["attention_mask"]))
         if discs is not None:
             real, fake, mask = split_latents(batch, policy_hidden, ref_hidden, cfg.disc_tokens)
             with autocast():

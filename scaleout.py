@@ -199,6 +199,16 @@ def average_gradients(module):
             p.grad.copy_(mean_over_ranks(p.grad))
 
 
+def clip_grad_norm(params, max_norm):
+    """-> the gradients' norm before clipping to max_norm (0 = no clipping). Under FSDP2 the norm
+    is a sharded DTensor: full_tensor() gathers it (on one process it is a plain tensor)."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def share_of_batches(n):
     """-> [(batch index, is padding)] that this rank scores. Every rank runs as many forwards as
     the others (the collectives inside need it), so the last rank may repeat the last batch as

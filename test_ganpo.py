@@ -34,6 +34,7 @@ TINY_FLAGS = ["--model", "tiny", "--disc_dim", "32", "--disc_heads", "2", "--max
               "--max_prompt_length", "40", "--batch_size", "4", "--log_every", "1"]
 
 SMALL_D = ganpo.GANPOConfig(disc_dim=32, disc_heads=2)  # discriminators to match the tiny model
+EMA_KEYS = {f"{side}/{role}" for side in ("chosen", "rejected") for role in ("real", "fake", "contrast")}
 
 
 @pytest.fixture(scope="session")
@@ -197,7 +198,7 @@ def test_ragan_losses_match_their_formulas_by_hand():
     a, f = torch.tensor([2.0, 0.0]), torch.tensor([1.0, -1.0])
     # L_D = ½·[BCE(a − m̄_f, 1) + BCE(f − m̄_a, 0)], batch means inside each BCE
     expected = 0.5 * ((bce(2 - 0.5, 1) + bce(0 - 0.5, 1)) / 2 + (bce(1 - 1.5, 0) + bce(-1 - 1.5, 0)) / 2)
-    assert ganpo.ragan_disc_loss(a, f, 1.5, 0.5).item() == pytest.approx(expected, rel=1e-6)
+    assert ganpo.pair_loss(a, f, 1.5, 0.5).item() == pytest.approx(expected, rel=1e-6)
     # L_G = ½·[BCE(f − m̄_a, 1) + BCE(a − mean(f), 0)]; mean(f) = 0
     expected = 0.5 * ((bce(1 - 1.5, 1) + bce(-1 - 1.5, 1)) / 2 + (bce(2 - 0, 0) + bce(0 - 0, 0)) / 2)
     f.requires_grad_(True)
@@ -356,7 +357,7 @@ def test_reference_is_frozen_and_the_discriminators_step_once_per_optimizer_step
                      ganpo.GANPOConfig(), ema, nullcontext)
     assert {int(s["step"]) for s in dopt.state.values()} == {1}  # two micro-batches, one discriminator step
     assert {int(s["step"]) for s in popt.state.values()} == {1}
-    assert set(ema) == set(ganpo.EMA_KEYS)
+    assert set(ema) == EMA_KEYS
 
 
 def test_disc_steps_2_takes_exactly_two_discriminator_optimizer_steps_per_policy_step(tokenizer):
@@ -696,7 +697,7 @@ def test_train_script_runs_tiny_model_and_writes_a_loadable_policy_and_metrics(t
     assert [r["step"] for r in evals] == [3, 6]
     assert evals[-1]["eval/rewards/margins"] > 0  # it learned something about the held-out pairs
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert state["step"] == 6 and set(state["ema"]) == set(ganpo.EMA_KEYS) and state["discs"] is not None
+    assert state["step"] == 6 and set(state["ema"]) == EMA_KEYS and state["discs"] is not None
 
 
 NEW_FLAGS = {"authors": [], "frozen": ["--disc_lr", "0"], "lora": ["--lora_r", "4", "--lora_alpha", "8"],

@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 import types
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -33,78 +33,60 @@ from transformers import HfArgumentParser
 import ganpo
 import loading
 import scaleout
+from ganpo import option
 from loading import fail
 
 
 @dataclass
 class Config(ganpo.GANPOConfig):  # the objective's and discriminators' flags come from ganpo.py
     # model and data
-    model: str = field(default="smollm2", metadata={"help": "smollm2 (packaged, offline) | tiny "
-                                                            "(random, smoke tests) | HF id or folder"})
-    data: str = field(default="bundled", metadata={"help": "bundled (data/*.jsonl) | a .jsonl or "
-                                                           ".json file | a HF dataset name"})
-    train_split: str = field(default="train", metadata={"help": "split to train on"})
-    eval_split: str = field(default="test", metadata={"help": "held-out split, evaluated every "
-                                                              "--eval_every steps and at the end"})
-    eval_data: str = field(default="", metadata={"help": "held-out data, if not --data's "
-                                                         "--eval_split (a file: its last 10%%)"})
-    final_eval_splits: str = field(default="", metadata={"help": "extra splits scored at the end, "
-                                                                 "e.g. shift (comma list)"})
-    eval_pairs: int = field(default=48, metadata={"help": "held-out pairs in each periodic "
-                                                          "evaluation (0 = all); the final: all"})
-    limit: int = field(default=0, metadata={"help": "first N pairs of each split, training and "
-                                                    "held-out (0 = all; --model tiny: 64)"})
-    output_dir: str = field(default="out/ganpo-smollm2", metadata={"help": "policy "
-                            "(save_pretrained), checkpoint.pt, metrics.jsonl, run_config.json"})
-    max_length: int = field(default=128, metadata={"help": "tokens per sequence, prompt + "
-                                                           "completion"})
-    max_prompt_length: int = field(default=64, metadata={"help": "prompt tokens kept (its end) "
-                                                                 "before the completion is cut"})
+    model: str = option("smollm2", "smollm2 (packaged, offline) | tiny (random, smoke tests) | HF "
+                                   "id or folder")
+    data: str = option("bundled", "bundled (data/*.jsonl) | a .jsonl or .json file | a HF dataset "
+                                  "name")
+    train_split: str = option("train", "split to train on")
+    eval_split: str = option("test", "held-out split, evaluated every --eval_every steps and at "
+                                     "the end")
+    eval_data: str = option("", "held-out data, if not --data's --eval_split (a file: its last "
+                                "10%%)")
+    final_eval_splits: str = option("", "extra splits scored at the end, e.g. shift (comma list)")
+    eval_pairs: int = option(48, "held-out pairs in each periodic evaluation (0 = all); the final: "
+                                 "all")
+    limit: int = option(0, "first N pairs of each split, training and held-out (0 = all; --model "
+                           "tiny: 64)")
+    output_dir: str = option("out/ganpo-smollm2", "policy (save_pretrained), checkpoint.pt, "
+                                                  "metrics.jsonl, run_config.json")
+    max_length: int = option(128, "tokens per sequence, prompt + completion")
+    max_prompt_length: int = option(64, "prompt tokens kept (its end) before the completion is cut")
     # optimisation
-    max_steps: int = field(default=32, metadata={"help": "policy optimizer steps (0 = save the "
-                                                         "untrained policy)"})
-    batch_size: int = field(default=8, metadata={"help": "preference pairs per optimizer step"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step "
-                                                         "(divides batch_size)"})
-    lr: float = field(default=5e-5, metadata={"help": "peak policy learning rate (high: the "
-                                                      "default run is 32 steps)"})
-    warmup_steps: int = field(default=3, metadata={"help": "linear warmup steps, then cosine "
-                                                           "decay to lr/10"})
-    weight_decay: float = field(default=0.0, metadata={"help": "policy AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping for policy "
-                                                                "and discriminators (0 = off)"})
-    disc_lr: Optional[float] = field(default=None, metadata={"help": "peak discriminator lr, "
-                                     "absolute (overrides --disc_lr_ratio); 0 = frozen"})
-    disc_lr_ratio: float = field(default=0.5, metadata={"help": "peak discriminator lr / policy "
-                                                                "lr (authors: 0.5); 0 = frozen"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a bf16 GPU, else "
-                                                         "fp32) | bf16 | fp32"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder "
-                                                                          "activations in backward"})
-    seed: int = field(default=0, metadata={"help": "seeds data order, label noise, "
-                                                   "discriminators, tiny model"})
-    label_noise: float = field(default=0.0, metadata={"help": "fraction of training pairs with "
-                                                              "chosen/rejected swapped"})
+    max_steps: int = option(32, "policy optimizer steps (0 = save the untrained policy)")
+    batch_size: int = option(8, "preference pairs per optimizer step")
+    grad_accum: int = option(1, "micro-batches per optimizer step (divides batch_size)")
+    lr: float = option(5e-5, "peak policy learning rate (high: the default run is 32 steps)")
+    warmup_steps: int = option(3, "linear warmup steps, then cosine decay to lr/10")
+    weight_decay: float = option(0.0, "policy AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping for policy and discriminators (0 = off)")
+    disc_lr: Optional[float] = option(None, "peak discriminator lr, absolute (overrides "
+                                            "--disc_lr_ratio); 0 = frozen")
+    disc_lr_ratio: float = option(0.5, "peak discriminator lr / policy lr (authors: 0.5); 0 = "
+                                       "frozen")
+    dtype: str = option("auto", "auto (bf16 autocast on a bf16 GPU, else fp32) | bf16 | fp32")
+    gradient_checkpointing: bool = option(False, "recompute decoder activations in backward")
+    seed: int = option(0, "seeds data order, label noise, discriminators, tiny model")
+    label_noise: float = option(0.0, "fraction of training pairs with chosen/rejected swapped")
     # LoRA: adapters on a frozen base; the reference is the base with the adapters off
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = off: full fine-tuning); "
-                                                     "needs `pip install peft`"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator (the update "
-                                                              "is alpha/r · B·A)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA branch (off "
-                                                                "in the reference forward)"})
-    lora_targets: str = field(default="all-linear", metadata={"help": "modules that get adapters: "
-                              "all-linear (every decoder linear layer) or e.g. q_proj,v_proj"})
-    merge_lora: bool = field(default=False, metadata={"help": "also save the base with the "
-                                                              "adapters merged, to OUTPUT/merged"})
+    lora_r: int = option(0, "LoRA rank (0 = off: full fine-tuning); needs `pip install peft`")
+    lora_alpha: float = option(16.0, "LoRA scale numerator (the update is alpha/r · B·A)")
+    lora_dropout: float = option(0.05, "dropout on the LoRA branch (off in the reference forward)")
+    lora_targets: str = option("all-linear", "modules that get adapters: all-linear (every decoder "
+                                             "linear layer) or e.g. q_proj,v_proj")
+    merge_lora: bool = option(False, "also save the base with the adapters merged, to "
+                                     "OUTPUT/merged")
     # bookkeeping
-    log_every: int = field(default=5, metadata={"help": "steps between log lines (metrics.jsonl "
-                                                        "gets every step)"})
-    eval_every: int = field(default=15, metadata={"help": "steps between held-out evaluations "
-                                                          "(0 = only at the end)"})
-    save_every: int = field(default=50, metadata={"help": "steps between checkpoints (always at "
-                                                          "the end)"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir "
-                                                          "exactly where it stopped"})
+    log_every: int = option(5, "steps between log lines (metrics.jsonl gets every step)")
+    eval_every: int = option(15, "steps between held-out evaluations (0 = only at the end)")
+    save_every: int = option(50, "steps between checkpoints (always at the end)")
+    resume: bool = option(False, "continue the run in --output_dir exactly where it stopped")
 
 
 # --model tiny is for smoke tests: a discriminator its size and a few pairs, unless flags say so
@@ -273,6 +255,33 @@ def disc_peak_lr(cfg):
     return cfg.disc_lr if cfg.disc_lr is not None else cfg.lr * cfg.disc_lr_ratio
 
 
+def make_players(cfg, policy, device):
+    """The policy's optimizer and the discriminators with theirs: what checkpoint.pt holds."""
+    trainable = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapters alone
+    s = types.SimpleNamespace(policy=policy, ema={})
+    s.policy_opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    d_model = scaleout.unwrap(policy).config.hidden_size
+    s.discs, s.disc_opt, s.disc_init = make_discriminators(cfg, d_model, device)
+    return s
+
+
+def held_out_batches(cfg, held_out, micro, pad_id):
+    """{last step?: {split: (batches, a cache of the reference's outputs)}}: periodic evaluations
+    score --eval_pairs of the first held-out split, the last one every pair of every split."""
+    first = list(held_out.items())[:1]
+    return {False: {name: (loading.batches_of(ex[:cfg.eval_pairs or None], micro, pad_id), {})
+                    for name, ex in first},
+            True: {name: (loading.batches_of(ex, micro, pad_id), {})
+                   for name, ex in held_out.items()}}
+
+
+def start_run_folder(cfg, rank):
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if rank == 0:  # eval.py reads run_config.json
+        loading.write_text(os.path.join(cfg.output_dir, "run_config.json"),
+                           json.dumps(asdict(cfg), indent=1))
+
+
 def read_saved_run(cfg, world):
     """--resume: -> (the saved run's config, its checkpoint); a new run: (cfg, None), and a folder
     that already holds a run is refused."""
@@ -299,8 +308,17 @@ def read_saved_run(cfg, world):
     return saved, state
 
 
-def restore(state, s, rank, device):
+def resume(cfg, state, s, rank, device):
     """Put every piece of saved state back that the next step depends on -> the next step."""
+    start = restore(state, s, rank, device)
+    if rank == 0:
+        drop_records_after(cfg, start)
+    print(f"resumed from step {start}")
+    return start
+
+
+def restore(state, s, rank, device):
+    """Load checkpoint.pt's state into s and the RNGs -> its step."""
     scaleout.load_full_state_dicts(s.policy, s.policy_opt, state["policy"], state["policy_opt"])
     if s.discs is not None:
         s.discs.load_state_dict(state["discs"])
@@ -320,8 +338,9 @@ def save(cfg, s, step, tokenizer, rank, world, device):
     """checkpoint.pt (both players, their optimizers, the running means, RNG states) and the
     policy, each written whole or not at all."""
     policy_state, policy_opt_state = scaleout.full_state_dicts(s.policy, s.policy_opt)
+    cuda_rng = torch.cuda.get_rng_state() if device == "cuda" else None
     rng = scaleout.gather_objects({"torch": torch.get_rng_state(), "python": random.getstate(),
-                                   "cuda": torch.cuda.get_rng_state() if device == "cuda" else None})
+                                   "cuda": cuda_rng})
     extra = {}
     if world > 1:  # torchrun: what every rank needs to resume, and proof that the replicas agree
         replicas = scaleout.gather_objects(scaleout.replica_fingerprint(s.discs, s.ema))
@@ -389,6 +408,52 @@ def stop_on_signals():
     return stop
 
 
+# ------------------------------------------------------------------------- the loop's pieces
+
+def on(device, batch):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def evaluate_held_out(cfg, s, ref, splits, step, autocast, rank, device):
+    s.policy.eval()
+    for name, (batches, ref_cache) in splits.items():
+        r = ganpo.evaluate(s.policy, ref, [on(device, b) for b in batches], cfg, autocast,
+                           discs=s.discs, ref_cache=ref_cache)
+        log(cfg, rank, {"step": step, "split": name, **{f"eval/{k}": v for k, v in r.items()}})
+        tqdm.write(eval_line(name, step, r, s.discs is not None))
+    s.policy.train()
+
+
+def set_lr(cfg, s, step):
+    """Warmup + cosine for both players, each to its own peak -> the policy's rate."""
+    lr = get_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps)
+    for group in s.policy_opt.param_groups:
+        group["lr"] = lr
+    for group in (s.disc_opt.param_groups if s.disc_opt else []):
+        group["lr"] = get_lr(step, cfg.max_steps, disc_peak_lr(cfg), cfg.warmup_steps)
+    return lr
+
+
+def step_record(m, step, lr, dt, s, world, device):
+    """ganpo_step's metrics + the step, times, memory and how far each D moved from its start."""
+    if world > 1:  # torchrun: the figures of every rank's pairs, not this rank's share alone
+        values = torch.tensor(list(m.values()), dtype=torch.float64, device=device)
+        m = dict(zip(m, scaleout.mean_over_ranks(values).tolist()))
+        m["tokens"] *= world
+    m.update({"step": step, "lr": lr, "step_time": dt, "tokens_per_s": m["tokens"] / dt,
+              "memory/peak_gib": scaleout.peak_memory_bytes(device) / 2 ** 30})
+    for side in (("chosen", "rejected") if s.discs is not None else ()):
+        m[f"disc/{side}/weight_change"] = ganpo.relative_change(s.discs[side], s.disc_init[side])
+    return m
+
+
+def stop_requested(stop, world, device):
+    stopping = stop["signal"] is not None
+    if world > 1:  # torchrun: all ranks stop after the same step, whichever got the signal
+        stopping = bool(scaleout.mean_over_ranks(torch.tensor(float(stopping), device=device)))
+    return stopping
+
+
 # ------------------------------------------------------------------------------------------ main
 
 def main():
@@ -407,27 +472,11 @@ def main():
     policy, ref = load_models(cfg, tokenizer, device, world, use_bf16)
     share = cfg.batch_size // world  # torchrun: the pairs of each step on this process
     micro, pad_id = share // cfg.grad_accum, tokenizer.pad_token_id
-    periodic = {s: loading.batches_of(ex[:cfg.eval_pairs or None], micro, pad_id)
-                for s, ex in list(held_out.items())[:1]}  # the first held-out split
-    final = {s: loading.batches_of(ex, micro, pad_id) for s, ex in held_out.items()}
-    ref_caches = {}  # (final?, split) -> {batch index: the reference's log-probs and latents}
-    trainable = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapters alone
-    s = types.SimpleNamespace()  # what checkpoint.pt holds
-    s.policy, s.policy_opt = policy, torch.optim.AdamW(trainable, lr=cfg.lr,
-                                                       weight_decay=cfg.weight_decay)
-    s.discs, s.disc_opt, s.disc_init = make_discriminators(cfg, scaleout.unwrap(policy).config.hidden_size,
-                                                         device)
-    s.ema = {}
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    if rank == 0:
-        with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as f:  # eval.py reads it
-            json.dump(asdict(cfg), f, indent=1)
-    start = restore(saved, s, rank, device) if saved else 0
-    if saved:
-        if rank == 0:
-            drop_records_after(cfg, start)
-        print(f"resumed from step {start}")
-        del saved
+    evals = held_out_batches(cfg, held_out, micro, pad_id)
+    s = make_players(cfg, policy, device)  # what checkpoint.pt holds
+    start_run_folder(cfg, rank)
+    start = resume(cfg, saved, s, rank, device) if saved else 0
+    del saved
     gan, stop = s.discs is not None, stop_on_signals()
 
     # --- the loop: max_steps + 1 passes, so the last one evaluates and saves without training
@@ -436,40 +485,20 @@ def main():
     for step in bar:
         last = step == cfg.max_steps
         if last or (cfg.eval_every and step % cfg.eval_every == 0 and step > 0):
-            policy.eval()
-            for name, batches in (final if last else periodic).items():
-                batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-                r = ganpo.evaluate(policy, ref, batches, cfg, autocast, discs=s.discs,
-                                   ref_cache=ref_caches.setdefault((last, name), {}))
-                log(cfg, rank, {"step": step, "split": name, **{f"eval/{k}": v for k, v in r.items()}})
-                tqdm.write(eval_line(name, step, r, gan))
-            policy.train()
+            evaluate_held_out(cfg, s, ref, evals[last], step, autocast, rank, device)
         if last:
             break
 
         # --- one optimizer step: warmup + cosine for both players, then ganpo.ganpo_step
-        lr = get_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps)
-        for group in s.policy_opt.param_groups:
-            group["lr"] = lr
-        for group in (s.disc_opt.param_groups if s.disc_opt else []):  # same schedule, own peak
-            group["lr"] = get_lr(step, cfg.max_steps, disc_peak_lr(cfg), cfg.warmup_steps)
+        lr = set_lr(cfg, s, step)
         idx = pairs_for_step(step, len(train), cfg.batch_size, cfg.seed)
         idx = idx[rank * share:(rank + 1) * share]  # torchrun: this rank's share
-        micro_batches = [{k: v.to(device) for k, v in loading.collate(
-            [train[i] for i in idx[j:j + micro]], pad_id).items()} for j in range(0, share, micro)]
+        micro_batches = [on(device, loading.collate([train[i] for i in idx[j:j + micro]], pad_id))
+                         for j in range(0, share, micro)]
         t0 = time.time()
         m = ganpo.ganpo_step(policy, ref, s.discs, s.policy_opt, s.disc_opt, micro_batches, cfg,
                              s.ema, autocast, cfg.max_grad_norm)
-        dt = time.time() - t0
-        if world > 1:  # torchrun: the figures of every rank's pairs, not this rank's share alone
-            values = torch.tensor(list(m.values()), dtype=torch.float64, device=device)
-            m = dict(zip(m, scaleout.mean_over_ranks(values).tolist()))
-            m["tokens"] *= world
-        m.update({"step": step, "lr": lr, "step_time": dt, "tokens_per_s": m["tokens"] / dt,
-                  "memory/peak_gib": scaleout.peak_memory_bytes(device) / 2 ** 30})
-        for side in (("chosen", "rejected") if gan else ()):  # has each D left its random start?
-            m[f"disc/{side}/weight_change"] = ganpo.relative_change(s.discs[side],
-                                                                    s.disc_init[side])
+        m = step_record(m, step, lr, time.time() - t0, s, world, device)
         log(cfg, rank, m)
         if not math.isfinite(m["loss"]):
             fail(f"loss became {m['loss']} at step {step}; try a lower --lr or --dtype fp32 (last "
@@ -477,9 +506,7 @@ def main():
         bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['rewards/accuracies']:.2f}")
         if step % cfg.log_every == 0:
             tqdm.write(step_line(m, gan))
-        stopping = stop["signal"] is not None
-        if world > 1:  # torchrun: all ranks stop after the same step, whichever got the signal
-            stopping = bool(scaleout.mean_over_ranks(torch.tensor(float(stopping), device=device)))
+        stopping = stop_requested(stop, world, device)
         if ((step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps) or stopping:
             save(cfg, s, step + 1, tokenizer, rank, world, device)
         if stopping:

@@ -270,7 +270,7 @@ def pyplot():
 
 
 def game_table(groups):
-    """SPEC §8: the discriminators' own view of held-out pairs beside the independent drift measures."""
+    """The discriminators' own view of held-out pairs beside the independent drift measures."""
     lines = ["", "The discriminator game at the end of training (eval.py on 100 held-out pairs per split). "
              "D AUC: the trained discriminators' held-out AUC, reference over policy latents of their polarity "
              "(ref > policy) and policy latents over the reference's of the other polarity (policy > other); "
