@@ -53,14 +53,14 @@ class Config(ganpo.GANPOConfig):  # the objective's and discriminators' flags co
     eval_pairs: int = option(48, "held-out pairs in each periodic evaluation (0 = all); the final: "
                                  "all")
     limit: int = option(0, "first N pairs of each split, training and held-out (0 = all; --model "
-                           "tiny: 64)")
+                           "tiny: 32)")
     output_dir: str = option("out/ganpo-smollm2", "policy (save_pretrained), checkpoint.pt, "
                                                   "metrics.jsonl, run_config.json")
     max_length: int = option(128, "tokens per sequence, prompt + completion")
     max_prompt_length: int = option(64, "prompt tokens kept (its end) before the completion is cut")
     # optimisation
     max_steps: int = option(32, "policy optimizer steps (0 = save the untrained policy)")
-    batch_size: int = option(8, "preference pairs per optimizer step")
+    batch_size: int = option(8, "preference pairs per optimizer step (--model tiny: 4)")
     grad_accum: int = option(1, "micro-batches per optimizer step (divides batch_size)")
     lr: float = option(5e-5, "peak policy learning rate (high: the default run is 32 steps)")
     warmup_steps: int = option(3, "linear warmup steps, then cosine decay to lr/10")
@@ -89,8 +89,8 @@ class Config(ganpo.GANPOConfig):  # the objective's and discriminators' flags co
     resume: bool = option(False, "continue the run in --output_dir exactly where it stopped")
 
 
-# --model tiny is for smoke tests: a discriminator its size and a few pairs, unless flags say so
-TINY_DEFAULTS = {"disc_dim": 32, "disc_heads": 2, "limit": 64}
+# --model tiny is for smoke tests: a discriminator its size, few and small batches, unless flags say so
+TINY_DEFAULTS = {"disc_dim": 32, "disc_heads": 2, "limit": 32, "batch_size": 4}
 
 
 def parse_config():
