@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -201,6 +202,13 @@ def sequence_logps(model, tokenizer, prompts, completion_ids, temperature, batch
     return out
 
 
+def prompt_se(values, k):
+    """Standard error of the mean of `values`, k samples per prompt in a row: the prompts are the
+    independent draws, so it is the sd of the per-prompt means over √prompts (0: one prompt)."""
+    means = [sum(values[i:i + k]) / k for i in range(0, len(values), k)]
+    return statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else 0.0
+
+
 def generation_metrics(policy, ref, tokenizer, prompts, temperature, cfg, score):
     rep = [p for p in prompts for _ in range(cfg.samples)]  # generate() repeats each prompt k times
     args = (tokenizer, prompts, temperature, cfg.samples, cfg.max_new_tokens, cfg.seed)
@@ -214,7 +222,8 @@ def generation_metrics(policy, ref, tokenizer, prompts, temperature, cfg, score)
     kl = [a - b for a, b in zip(sequence_logps(policy, tokenizer, rep, pol_ids, temperature),
                                 sequence_logps(ref, tokenizer, rep, pol_ids, temperature))]
     n = len(pol_texts)
-    return {"reward": sum(pol_r) / n, "ref_reward": sum(ref_r) / n, "win_rate": sum(wins) / n,
+    return {"reward": sum(pol_r) / n, "reward_se": prompt_se(pol_r, cfg.samples),
+            "ref_reward": sum(ref_r) / n, "win_rate": sum(wins) / n,
             "length": sum(len(i) for i in pol_ids) / n,
             "ref_length": sum(len(i) for i in ref_ids) / n, "distinct_2": distinct_2(pol_texts),
             "degenerate": sum(map(is_degenerate, pol_texts)) / n,

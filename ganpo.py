@@ -54,6 +54,10 @@ class GANPOConfig:
     disc_dropout: float = option(0.1, "discriminator dropout (authors: 0.1)")
     disc_loss: str = option("quad", "quad (authors': real/fake + contrast) | ragan (real/fake)")
     disc_steps: int = option(1, "discriminator updates per policy step, on its latents (authors 1)")
+    disc_init: str = option("xavier", "discriminator init: xavier (authors') | torch (defaults)")
+    disc_max_grad_norm: float = option(0.0, "discriminator gradient clipping (0 = off, authors')")
+    update: str = option("alternating", "alternating (D steps, then the policy meets the new D) | "
+                         "simultaneous (an ablation: both players' gradients from the same D)")
     ema_decay: float = option(0.9, "μ of the running means of discriminator logits (authors: 0.9)")
     logits_chunk: int = option(1024, "completion tokens per LM-head chunk (bounds float32 logits)")
 
@@ -177,6 +181,23 @@ def mean_pool(hidden, mask):
     return (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)
 
 
+def xavier_(module):
+    """The authors' initialisation: xavier-uniform weight matrices, zero biases."""
+    for name, p in module.named_parameters():
+        if name.endswith("weight") and p.dim() == 2:
+            nn.init.xavier_uniform_(p)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+
+
+def sn_linear(d_in, d_out, init):
+    """A spectral-normalised Linear; init "xavier" sets its weights before σ is first estimated."""
+    layer = nn.Linear(d_in, d_out)
+    if init == "xavier":
+        xavier_(layer)
+    return spectral_norm(layer)
+
+
 class Discriminator(nn.Module):
     """Hidden states (B, T, d_model) + token mask (B, T) -> one logit per sequence (B,).
     Spectral-normalised input projection and head (D stays Lipschitz, so its gradient to the
@@ -184,16 +205,19 @@ class Discriminator(nn.Module):
     masked tokens, and a mean pool over the tokens the mask keeps (the authors' code pools over
     padding too, so a row's score there depends on the longest row of its batch)."""
 
-    def __init__(self, d_model, d_disc=512, n_layers=2, n_heads=8, dropout=0.1, max_len=2048):
+    def __init__(self, d_model, d_disc=512, n_layers=2, n_heads=8, dropout=0.1, max_len=2048,
+                 init="xavier"):
         super().__init__()
-        self.proj = spectral_norm(nn.Linear(d_model, d_disc))
+        self.proj = sn_linear(d_model, d_disc, init)
         self.pos = nn.Parameter(torch.randn(max_len, d_disc) * 0.02)
         layer = nn.TransformerEncoderLayer(d_disc, n_heads, 4 * d_disc, dropout, batch_first=True,
                                            activation="gelu", norm_first=True)
         # no nested-tensor fast path: it would make padded and unpadded rows compute differently
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
-        self.head = nn.Sequential(spectral_norm(nn.Linear(d_disc, d_disc)), nn.GELU(),
-                                  spectral_norm(nn.Linear(d_disc, 1)))
+        if init == "xavier":  # (torch's: the layers start as copies of one another)
+            xavier_(self.encoder)
+        self.head = nn.Sequential(sn_linear(d_disc, d_disc, init), nn.GELU(),
+                                  sn_linear(d_disc, 1, init))
 
     def forward(self, hidden, mask):
         T = min(hidden.shape[1], self.pos.shape[0])  # longer inputs are cropped
@@ -206,7 +230,8 @@ class Discriminator(nn.Module):
 def build_discriminators(d_model, cfg):
     """D_w and D_l, one per response polarity."""
     return nn.ModuleDict({side: Discriminator(d_model, cfg.disc_dim, cfg.disc_layers,
-                                              cfg.disc_heads, cfg.disc_dropout)
+                                              cfg.disc_heads, cfg.disc_dropout,
+                                              init=cfg.disc_init)
                           for side in ("chosen", "rejected")})
 
 
@@ -325,22 +350,23 @@ def adversarial_loss(discs, real, fake, mask, cfg, ema, autocast):
                      for side in ("chosen", "rejected"))
 
 
-def ganpo_micro_step(policy, ref, discs, batch, cfg, ema, n_micro, autocast, learn=True):
-    """Forward, discriminator backward and policy backward for one micro-batch -> (metrics, the
-    discriminators' detached inputs, for further updates). Both backwards are divided by n_micro:
-    the accumulated gradients are means over the optimizer step, as with one big batch (for OPO
-    exactly; the running means make the GAN part depend on the order of micro-batches)."""
+def forward_both(policy, ref, batch, cfg, autocast):
+    """The policy's forward (with gradient where it is enabled) and the reference's (never) ->
+    {"policy": (logps, n_tokens, hidden), "ref": (logps, hidden)}."""
     with autocast():
-        policy_logps, n_tokens, policy_hidden = forward_logps_and_hidden(policy, batch,
-                                                                         cfg.logits_chunk)
+        policy_out = forward_logps_and_hidden(policy, batch, cfg.logits_chunk)
         with torch.no_grad():
             ref_logps, _, ref_hidden = forward_logps_and_hidden(ref, batch, cfg.logits_chunk)
-    metrics, disc_inputs, g_loss = {}, None, None
+    return {"policy": policy_out, "ref": (ref_logps, ref_hidden)}
+
+
+def policy_backward(out, batch, discs, cfg, ema, n_micro, autocast):
+    """L = L_OPO + λ·L_G of one micro-batch, backward / n_micro into the policy -> its metrics.
+    L_G goes through the discriminators as they are at this moment, frozen."""
+    (policy_logps, n_tokens, policy_hidden), (ref_logps, ref_hidden) = out["policy"], out["ref"]
+    metrics, g_loss = {}, None
     if discs is not None:
         real, fake, mask = split_latents(batch, policy_hidden, ref_hidden, cfg.disc_tokens)
-        disc_inputs = (real, {k: v.detach() for k, v in fake.items()}, mask)
-        metrics.update(discriminator_backward(discs, *disc_inputs, cfg, ema, n_micro, autocast,
-                                              learn))
         g_loss = adversarial_loss(discs, real, fake, mask, cfg, ema, autocast)
         metrics.update({"gen/loss": g_loss.detach(), **{f"ema/{k}": v for k, v in ema.items()}})
     losses = opo_loss(cfg, policy_logps, ref_logps, n_tokens)  # (B,)
@@ -348,37 +374,69 @@ def ganpo_micro_step(policy, ref, discs, batch, cfg, ema, n_micro, autocast, lea
     (loss / n_micro).backward()
     metrics.update(preference_metrics(policy_logps.detach(), ref_logps, n_tokens, cfg.beta,
                                       losses.detach()))
-    metrics["loss"] = loss.detach()
-    metrics["tokens"] = batch["attention_mask"].sum()
-    return metrics, disc_inputs
+    return {**metrics, "loss": loss.detach(), "tokens": batch["attention_mask"].sum()}
+
+
+def step_discriminators(discs, disc_opt, latents, cfg, ema, autocast):
+    """cfg.disc_steps updates -> the first one's gradient norm. The first uses the gradients
+    accumulated from `latents` (each micro-batch's real, detached fake, mask); each further one
+    scores them again (fresh dropout; m̄ moves on too). More than one, because Adam moves a weight
+    by about lr per update at most (GAN practice: n_critic updates, or TTUR's larger rate)."""
+    for update in range(cfg.disc_steps):
+        for real, fake, mask in (latents if update > 0 else []):
+            discriminator_backward(discs, real, fake, mask, cfg, ema, len(latents), autocast)
+        scaleout.average_gradients(discs)  # torchrun: every rank's copy takes the same step
+        norm = scaleout.clip_grad_norm(discs.parameters(), cfg.disc_max_grad_norm)
+        first = norm if update == 0 else first
+        disc_opt.step()
+        disc_opt.zero_grad(set_to_none=True)
+    return first
 
 
 def ganpo_step(policy, ref, discs, policy_opt, disc_opt, micro_batches, cfg, ema, autocast,
                max_grad_norm=1.0):
-    """One optimizer step over len(micro_batches) micro-batches -> the step's averaged metrics.
+    """One optimizer step over k = len(micro_batches) micro-batches -> the step's mean metrics.
 
-    The discriminators step at the policy's accumulation boundary, cfg.disc_steps times: the first
-    update uses the micro-steps' gradients, each further one scores this step's detached latents
-    again (fresh dropout). More than one, because Adam moves a weight by about lr per update at
-    most, so a slow discriminator barely leaves its initialisation in a short run (GAN practice:
-    n_critic updates, or TTUR's larger rate). disc_opt None: frozen discriminators, never step."""
-    k, learn = len(micro_batches), disc_opt is not None
-    per_micro = []
-    for i, b in enumerate(micro_batches):
+    cfg.update "alternating", the method's order (with k = 1, the authors'):
+      1. both models' latents of each micro-batch, and the discriminators' gradients on them;
+      2. the discriminators step, cfg.disc_steps times (disc_opt None: frozen, they never do);
+      3. the policy's gradients, L_G through the updated, frozen discriminators; the policy steps.
+    Memory: with k = 1 the policy's forward in 1 keeps its graph for 3. Keeping k graphs would
+    undo what accumulation is for, so with k > 1 the forward in 1 runs without gradient and 3 runs
+    it again: one more forward per micro-batch; only the step's last-layer latents are kept.
+    "simultaneous", an ablation (our order before): 3 happens inside 1, so both players' gradients
+    come from the same D_t, before its step. Backwards are divided by k: the gradients are means
+    over the step (for OPO exactly as one big batch; m̄, updated per micro-batch, is not)."""
+    k, alternating = len(micro_batches), cfg.update == "alternating"
+    keep_graph = k == 1 or not alternating
+    seen, per_micro = [], []
+    for i, batch in enumerate(micro_batches):  # 1 (simultaneous: and 3)
+        with torch.set_grad_enabled(keep_graph):
+            out = forward_both(policy, ref, batch, cfg, autocast)
+        m, latents = {}, None
+        if discs is not None:
+            real, fake, mask = split_latents(batch, out["policy"][2], out["ref"][1],
+                                             cfg.disc_tokens)
+            latents = (real, {key: v.detach() for key, v in fake.items()}, mask)
+            m = discriminator_backward(discs, *latents, cfg, ema, k, autocast, disc_opt is not None)
+        if not alternating:
+            scaleout.sync_gradients(policy, i == k - 1)  # torchrun: reduce gradients once a step
+            m.update(policy_backward(out, batch, discs, cfg, ema, k, autocast))
+        seen.append((batch, out if keep_graph else {"ref": out["ref"]}, latents))
+        per_micro.append(m)
+    if discs is not None and disc_opt is not None:  # 2
+        d_norm = step_discriminators(discs, disc_opt, [s[2] for s in seen], cfg, ema, autocast)
+    for i, (batch, out, _) in enumerate(seen if alternating else []):  # 3
         scaleout.sync_gradients(policy, i == k - 1)  # torchrun: reduce gradients once a step
-        per_micro.append(ganpo_micro_step(policy, ref, discs, b, cfg, ema, k, autocast, learn))
-    metrics = {key: torch.stack([m[key].float() for m, _ in per_micro]).mean()
-               for key in per_micro[0][0] if key != "tokens"}
-    metrics["tokens"] = sum(m["tokens"] for m, _ in per_micro)
-    for update in range(cfg.disc_steps if discs is not None and learn else 0):
-        if update > 0:  # a further update: score this step's latents again (m̄ moves on too)
-            for _, disc_inputs in per_micro:
-                discriminator_backward(discs, *disc_inputs, cfg, ema, k, autocast)
-        scaleout.average_gradients(discs)  # torchrun: every rank's copy takes the same step
-        grad_norm = scaleout.clip_grad_norm(discs.parameters(), max_grad_norm)
-        metrics.setdefault("disc/grad_norm", grad_norm)  # the first update's
-        disc_opt.step()
-        disc_opt.zero_grad(set_to_none=True)
+        if not keep_graph:  # the policy's forward again, now with gradient
+            with autocast():
+                out["policy"] = forward_logps_and_hidden(policy, batch, cfg.logits_chunk)
+        per_micro[i].update(policy_backward(out, batch, discs, cfg, ema, k, autocast))
+    metrics = {key: torch.stack([m[key].float() for m in per_micro]).mean()
+               for key in per_micro[0] if key != "tokens"}
+    metrics["tokens"] = sum(m["tokens"] for m in per_micro)
+    if discs is not None and disc_opt is not None:
+        metrics["disc/grad_norm"] = d_norm
     metrics["policy/grad_norm"] = scaleout.clip_grad_norm(policy.parameters(), max_grad_norm)
     policy_opt.step()
     policy_opt.zero_grad(set_to_none=True)

@@ -5,12 +5,15 @@
     python train.py --help                        # every flag
     torchrun --standalone --nproc_per_node 2 train.py   # the same run on 2 processes (FSDP2)
 
-Each optimizer step (ganpo.ganpo_step): per micro-batch one policy forward and one reference
-forward, a discriminator backward on detached latents and a policy backward through the frozen
-discriminators; then both optimizers step (the discriminators --disc_steps times).
+Each optimizer step (ganpo.ganpo_step) alternates: the discriminators learn on this step's
+detached latents (--disc_steps updates), then the policy steps on L_OPO + λ·L_G, with L_G through
+the updated, frozen discriminators (--update simultaneous: both from the same D, an ablation).
 
-The authors' discriminator settings, as one set of flags:
-    --disc_lr_ratio 0.5 --disc_steps 1 --disc_loss quad --disc_tokens all
+The authors' discriminator settings, the defaults, as one set of flags (their 2-pair micro-batches,
+over which the running means move, are --grad_accum 4 at --batch_size 8):
+    --update alternating --disc_init xavier --disc_max_grad_norm 0 --disc_lr_ratio 0.5
+    --disc_steps 1 --disc_loss quad --disc_tokens all --disc_dim 512 --disc_layers 2
+    --disc_heads 8 --disc_dropout 0.1 --ema_decay 0.9 --adv_weight 1
 Read top to bottom: the config, setup (models, data, optimizers, resume), the loop. Lines marked
 `torchrun:` or `LoRA:` do nothing on the default run; scaleout.py holds what they call.
 """
@@ -65,7 +68,7 @@ class Config(ganpo.GANPOConfig):  # the objective's and discriminators' flags co
     lr: float = option(5e-5, "peak policy learning rate (high: the default run is 32 steps)")
     warmup_steps: int = option(3, "linear warmup steps, then cosine decay to lr/10")
     weight_decay: float = option(0.0, "policy AdamW weight decay")
-    max_grad_norm: float = option(1.0, "gradient clipping for policy and discriminators (0 = off)")
+    max_grad_norm: float = option(1.0, "policy gradient clipping (0 = off)")
     disc_lr: Optional[float] = option(None, "peak discriminator lr, absolute (overrides "
                                             "--disc_lr_ratio); 0 = frozen")
     disc_lr_ratio: float = option(0.5, "peak discriminator lr / policy lr (authors: 0.5); 0 = "
@@ -105,7 +108,8 @@ def parse_config():
 
 def check_config(cfg, world=1):
     choices = {"loss": ("dpo", "simpo", "ipo"), "disc_tokens": ("all", "response"),
-               "disc_loss": ("quad", "ragan"), "dtype": ("auto", "bf16", "fp32")}
+               "disc_loss": ("quad", "ragan"), "dtype": ("auto", "bf16", "fp32"),
+               "disc_init": ("xavier", "torch"), "update": ("alternating", "simultaneous")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             fail(f"--{name} {getattr(cfg, name)}: expected {', '.join(allowed[:-1])} or "
@@ -261,7 +265,7 @@ def make_players(cfg, policy, device):
     s = types.SimpleNamespace(policy=policy, ema={})
     s.policy_opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     d_model = scaleout.unwrap(policy).config.hidden_size
-    s.discs, s.disc_opt, s.disc_init = make_discriminators(cfg, d_model, device)
+    s.discs, s.disc_opt, s.disc_start = make_discriminators(cfg, d_model, device)
     return s
 
 
@@ -322,7 +326,7 @@ def restore(state, s, rank, device):
     scaleout.load_full_state_dicts(s.policy, s.policy_opt, state["policy"], state["policy_opt"])
     if s.discs is not None:
         s.discs.load_state_dict(state["discs"])
-        s.disc_init = state["discs_init"]
+        s.disc_start = state["discs_init"]
     if s.disc_opt is not None:
         s.disc_opt.load_state_dict(state["disc_opt"])
     s.ema = {k: torch.tensor(v) for k, v in state["ema"].items()}
@@ -351,7 +355,7 @@ def save(cfg, s, step, tokenizer, rank, world, device):
     if rank > 0:
         return
     checkpoint = {"step": step, "config": asdict(cfg), "policy": policy_state,
-                  "policy_opt": policy_opt_state, "discs_init": s.disc_init,
+                  "policy_opt": policy_opt_state, "discs_init": s.disc_start,
                   "discs": s.discs.state_dict() if s.discs is not None else None,
                   "disc_opt": s.disc_opt.state_dict() if s.disc_opt is not None else None,
                   "ema": {k: float(v) for k, v in s.ema.items()}, "rng": rng[0], **extra}
@@ -419,7 +423,9 @@ def evaluate_held_out(cfg, s, ref, splits, step, autocast, rank, device):
     for name, (batches, ref_cache) in splits.items():
         r = ganpo.evaluate(s.policy, ref, [on(device, b) for b in batches], cfg, autocast,
                            discs=s.discs, ref_cache=ref_cache)
-        log(cfg, rank, {"step": step, "split": name, **{f"eval/{k}": v for k, v in r.items()}})
+        pairs = sum(len(b["input_ids"]) // 2 for b in batches)
+        log(cfg, rank, {"step": step, "split": name, "eval/pairs": pairs,
+                        **{f"eval/{k}": v for k, v in r.items()}})
         tqdm.write(eval_line(name, step, r, s.discs is not None))
     s.policy.train()
 
@@ -443,7 +449,7 @@ def step_record(m, step, lr, dt, s, world, device):
     m.update({"step": step, "lr": lr, "step_time": dt, "tokens_per_s": m["tokens"] / dt,
               "memory/peak_gib": scaleout.peak_memory_bytes(device) / 2 ** 30})
     for side in (("chosen", "rejected") if s.discs is not None else ()):
-        m[f"disc/{side}/weight_change"] = ganpo.relative_change(s.discs[side], s.disc_init[side])
+        m[f"disc/{side}/weight_change"] = ganpo.relative_change(s.discs[side], s.disc_start[side])
     return m
 
 

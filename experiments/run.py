@@ -17,6 +17,7 @@ folder (weights, ignored by git) is deleted once the cell is recorded, unless --
 """
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -29,21 +30,27 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def gan(disc_lr=None, steps=1, loss="quad", tokens="all"):
-    """train.py flags of one discriminator setting; the defaults are the authors' (their lr: half the policy's)."""
+def gan(disc_lr=None, steps=1, loss="quad", tokens="all", update="alternating"):
+    """train.py flags of one discriminator setting; the defaults are the authors' (their lr: half the policy's,
+    xavier init, no gradient clipping of the discriminators)."""
     lr = ["--disc_lr", f"{disc_lr:g}"] if disc_lr is not None else ["--disc_lr_ratio", "0.5"]
-    return [*lr, "--disc_steps", str(steps), "--disc_loss", loss, "--disc_tokens", tokens]
+    return [*lr, "--disc_steps", str(steps), "--disc_loss", loss, "--disc_tokens", tokens, "--update", update,
+            "--disc_init", "xavier", "--disc_max_grad_norm", "0"]
 
 
-# train.py's policy lr is 5e-5, so the authors' discriminator lr is 2.5e-5; "dlr20x" = 20 times that
+# train.py's policy lr is 5e-5, so the authors' discriminator lr is 2.5e-5; "dlr20x" = 20 times that.
+# "-sim": the same setting with --update simultaneous, the order of the grid before issue 24.
+SETTINGS = {"ganpo": {},  # the authors' settings, spelled out
+            "ganpo-frozen": {"disc_lr": 0},  # the policy trains against the random initial discriminators
+            "ganpo-dlr20x": {"disc_lr": 5e-4}, "ganpo-dlr200x": {"disc_lr": 5e-3},
+            "ganpo-dlr20x-k4": {"disc_lr": 5e-4, "steps": 4},
+            "ganpo-dlr20x-ragan": {"disc_lr": 5e-4, "loss": "ragan"},
+            "ganpo-dlr200x-ragan": {"disc_lr": 5e-3, "loss": "ragan"},
+            "ganpo-dlr20x-ragan-k4": {"disc_lr": 5e-4, "steps": 4, "loss": "ragan"},
+            "ganpo-dlr20x-resp": {"disc_lr": 5e-4, "tokens": "response"}}
 METHODS = {"dpo": ["--adv_weight", "0"],
-           "ganpo": gan(),  # the authors' settings, spelled out (the first grid ran them as train.py's defaults)
-           "ganpo-frozen": gan(disc_lr=0),  # the policy trains against the random initial discriminators
-           "ganpo-dlr20x": gan(disc_lr=5e-4), "ganpo-dlr200x": gan(disc_lr=5e-3),
-           "ganpo-dlr20x-k4": gan(disc_lr=5e-4, steps=4),
-           "ganpo-dlr20x-ragan": gan(disc_lr=5e-4, loss="ragan"), "ganpo-dlr200x-ragan": gan(disc_lr=5e-3, loss="ragan"),
-           "ganpo-dlr20x-ragan-k4": gan(disc_lr=5e-4, steps=4, loss="ragan"),
-           "ganpo-dlr20x-resp": gan(disc_lr=5e-4, tokens="response"),
+           **{name: gan(**kw) for name, kw in SETTINGS.items()},
+           **{f"{name}-sim": gan(**kw, update="simultaneous") for name, kw in SETTINGS.items()},
            "ganpo-dlr20x-ragan-adv0.3": [*gan(disc_lr=5e-4, loss="ragan"), "--adv_weight", "0.3"],
            "simpo": ["--loss", "simpo", "--beta", "2.0", "--gamma", "0.5", "--adv_weight", "0"],
            "ganpo-simpo": ["--loss", "simpo", "--beta", "2.0", "--gamma", "0.5"]}
@@ -51,6 +58,7 @@ METHODS = {"dpo": ["--adv_weight", "0"],
 # each loss: four-term (quad) with lr 20x the authors' and 4 discriminator steps per policy step, and
 # two-term (ragan) with lr 20x and 1 step (its discriminators already win at K = 1; see experiments/game.md)
 COMPARISON = ["dpo", "ganpo", "ganpo-frozen", "ganpo-dlr20x-k4", "ganpo-dlr20x-ragan"]
+OLD_GRID = "simultaneous-grid"  # the records from before issue 24, in experiments/results/
 # periodic held-out evaluations, so the discriminators' AUC can be followed over training
 PERIODIC = ["--eval_every", "8", "--eval_pairs", "96"]
 SPLITS = ("test", "shift")
@@ -207,6 +215,30 @@ def mean_sd(values):
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def acc_se(e, n):
+    """Binomial standard error of a preference accuracy measured on n pairs."""
+    p = e["rewards/accuracies"]
+    return math.sqrt(p * (1 - p) / n)
+
+
+def final_pairs(r, split):
+    """Pairs in train.py's final evaluation of `split`: recorded since issue 24; before, every row
+    of the bundled split (the grid's max_length drops none)."""
+    if "pairs" in r["final_eval"][split]:
+        return r["final_eval"][split]["pairs"]
+    with open(os.path.join(ROOT, "data", f"{split}.jsonl")) as f:
+        return sum(1 for line in f if line.strip())
+
+
+def with_se(value, se, effect=False):
+    """'value ± se'; effect=True (a difference): starred when |value| > 2·se, our bar for an effect."""
+    if value is None:
+        return "-"
+    if se is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} ± {se:.3f}" + ("*" if effect and abs(value) > 2 * se else "")
+
+
 def report(args):
     done = list(load_records(args.results).values())
     if not done:
@@ -230,12 +262,9 @@ def report(args):
             lines.append(f"| {method} | {noise:g} | {split} | {len(ev)} | " + " | ".join(cols) + " |")
     lines += game_table(groups)
     lines += comparison_table(groups)
-    # The first grid's cells not yet rerun (made before the discriminators were measured) stand in for
-    # their rerun in the seed-by-seed table and in comparison.png's drift and reward panels.
-    rerun = {key(r) for r in done}
-    first_grid = [r for r in load_records(os.path.join(args.results, "first-grid")).values() if key(r) not in rerun]
-    lines += per_seed_table(done, first_grid)
+    lines += per_seed_table(done)
     lines += paired(done, t)
+    lines += old_vs_new(done, load_records(os.path.join(args.results, OLD_GRID)).values())
     lines += ["", "| method | cells | median s/step | peak memory GiB | train wall s | eval wall s |", "|---|---|---|---|---|---|"]
     by_method = {}
     for r in done:
@@ -251,7 +280,7 @@ def report(args):
     print(text)
     plot(done, groups, os.path.join(args.results, "..", "results.png"), t)
     plot_game(done, os.path.join(args.results, "..", "game.png"))
-    plot_comparison(done, os.path.join(args.results, "..", "comparison.png"), first_grid)
+    plot_comparison(done, os.path.join(args.results, "..", "comparison.png"))
 
 
 def weight_change(step_metrics):
@@ -313,70 +342,86 @@ def comparison_table(groups):
     return lines
 
 
-def per_seed_table(done, older):
+def per_seed_table(done):
     """The comparison cell by cell on `test`, each seed beside DPO's of the same seed (same pairs, same
-    order). A cell not yet rerun is taken from `older` (the first grid's records, made before the
-    discriminators were measured), marked ᶠ."""
+    order), accuracy and reward ± their standard errors."""
     by_key = {key(r): r for r in done}
-    older = {key(r): r for r in older}
     seeds = sorted({r["seed"] for r in done if r["method"] in COMPARISON})
     temps = sorted({t for r in done if r["method"] in COMPARISON for t in r["eval"]["test"]["generation"]}, key=float)
     lines = ["", "The comparison seed by seed (" + " / ".join(f"seed {s}" for s in seeds) + "), `test` split: D AUC, "
-             "MMD², cosine and reward from eval.py (100 pairs), preference accuracy from train.py's final evaluation "
-             "(all 276 pairs). ᶠ: the first grid's record (no discriminator measurements), this cell not yet rerun; "
-             "'?': not run yet.", "",
+             "MMD², cosine and reward from eval.py (100 pairs; reward: 12 prompts x 2 samples, ± its standard error "
+             "over prompts where recorded), preference accuracy from train.py's final evaluation (all 276 pairs, ± its "
+             "binomial standard error). '?': not run yet.", "",
              "| method | noise | D AUC ref > policy | MMD² to ref | cosine | pref. acc | "
              + " | ".join(f"reward T={t}" for t in temps) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(temps)]
 
-    def cell(r, get):
+    def figure(r, get):
         try:
-            v = get(r)
+            return with_se(*get(r))
         except (KeyError, TypeError):
-            v = None
-        return "-" if v is None else f"{v:.3f}"
+            return "-"
 
-    getters = [lambda r: r["eval"]["test"].get("disc/auc_real_fake"), lambda r: r["eval"]["test"]["latent/mmd2"],
-               lambda r: r["eval"]["test"]["latent/cosine"], lambda r: r["final_eval"]["test"]["rewards/accuracies"]]
-    getters += [lambda r, t=t: r["eval"]["test"]["generation"][t]["reward"] for t in temps]
+    test = lambda r: r["eval"]["test"]  # noqa: E731
+    getters = [lambda r: (test(r).get("disc/auc_real_fake"), None), lambda r: (test(r)["latent/mmd2"], None),
+               lambda r: (test(r)["latent/cosine"], None),
+               lambda r: (r["final_eval"]["test"]["rewards/accuracies"],
+                          acc_se(r["final_eval"]["test"], final_pairs(r, "test")))]
+    getters += [lambda r, t=t: (test(r)["generation"][t]["reward"], test(r)["generation"][t].get("reward_se"))
+                for t in temps]
     for noise in (0.0, 0.2):
         if not any((method, noise, s) in by_key for method in COMPARISON for s in seeds):
             continue
         for method in COMPARISON:
-            cols = []
-            for get in getters:
-                values = []
-                for s in seeds:
-                    r, mark = by_key.get((method, noise, s)), ""
-                    if r is None and (method, noise, s) in older:
-                        r, mark = older[(method, noise, s)], "ᶠ"
-                    values.append("?" if r is None else cell(r, get) + mark)
-                cols.append(" / ".join(values))
+            cols = [" / ".join("?" if (method, noise, s) not in by_key else figure(by_key[(method, noise, s)], get)
+                               for s in seeds) for get in getters]
             lines.append(f"| {method} | {noise:g} | " + " | ".join(cols) + " |")
     return lines
 
 
-def plot_comparison(done, path, older=()):
+def old_vs_new(done, old):
+    """Each rerun cell beside its record from the grid before issue 24 (simultaneous update, PyTorch's
+    initialisation, discriminator gradients clipped at 1), on `test`."""
+    old = {key(r): r for r in old}
+    rows = [(r, old[key(r)]) for r in sorted(done, key=key) if key(r) in old]
+    if not rows:
+        return []
+    lines = ["", f"Old -> new: each rerun cell's record in {OLD_GRID}/ (before issue 24) and now, `test` split; "
+             "accuracy from train.py's final evaluation (276 pairs), the rest from eval.py.", "",
+             "| cell | D AUC ref > policy | MMD² to ref | pref. acc | reward T=1.0 | reward T=1.5 |", "|---|---|---|---|---|---|"]
+    getters = [lambda r: r["eval"]["test"].get("disc/auc_real_fake"), lambda r: r["eval"]["test"]["latent/mmd2"],
+               lambda r: r["final_eval"]["test"]["rewards/accuracies"],
+               lambda r: r["eval"]["test"]["generation"]["1.0"]["reward"],
+               lambda r: r["eval"]["test"]["generation"]["1.5"]["reward"]]
+    def figure(r, get):
+        try:
+            return with_se(get(r), None)
+        except (KeyError, TypeError):
+            return "-"
+
+    for new, was in rows:
+        cols = [f"{figure(was, g)} -> {figure(new, g)}" for g in getters]
+        lines.append(f"| {new['name']} | " + " | ".join(cols) + " |")
+    return lines
+
+
+def plot_comparison(done, path):
     """One row per noise level: held-out AUC over training, latent MMD², reward against temperature;
-    each method's mean over its seeds (thin lines: each seed). A cell not yet rerun is taken from
-    `older` (the first grid's records), which adds to the drift and reward panels only: it holds no AUC."""
+    each method's mean over its seeds (thin lines: each seed)."""
     plt = pyplot()
-    older = list(older)
-    rows = [n for n in (0.0, 0.2) if any(r["noise"] == n and r["method"] in COMPARISON for r in done + older)]
+    rows = [n for n in (0.0, 0.2) if any(r["noise"] == n and r["method"] in COMPARISON for r in done)]
     if not rows:
         return
     fig, axes = plt.subplots(len(rows), 3, figsize=(16, 4.4 * len(rows)), squeeze=False)
     color = {m: plt.cm.tab10(i) for i, m in enumerate(COMPARISON)}
     for row, noise in zip(axes, rows):
         for x, method in enumerate(COMPARISON):
-            rs = [r for r in done if r["method"] == method and r["noise"] == noise]
-            old = [r for r in older if r["method"] == method and r["noise"] == noise]
-            cells = rs + old  # the drift and reward panels use both; the AUC panel only rs
+            cells = rs = [r for r in done if r["method"] == method and r["noise"] == noise]
             if not cells:
                 continue
-            def label(n, from_first_grid=0):
-                first = f", {from_first_grid} from the first grid" if from_first_grid else ""
-                return f"{method} ({n} seed{'s' if n > 1 else ''}{first})"
+
+            def label(n):
+                return f"{method} ({n} seed{'s' if n > 1 else ''})"
             curves = [[(0, 0.5)] + [(e["step"], e["eval/disc/auc_real_fake"]) for e in r.get("evals", [])
                                     if e["split"] == "test" and "eval/disc/auc_real_fake" in e] for r in rs]
             curves = [c for c in curves if len(c) > 1]
@@ -393,7 +438,7 @@ def plot_comparison(done, path, older=()):
                 temps = sorted(cells[0]["eval"][split]["generation"], key=float)  # "0.7", "1.0", "1.5"
                 row[2].plot([float(t) for t in temps], [statistics.mean(r["eval"][split]["generation"][t]["reward"] for r in cells)
                                                         for t in temps],
-                            color=color[method], linestyle=style, marker="o", ms=3, label=label(len(cells), len(old)) if split == "test" else None)
+                            color=color[method], linestyle=style, marker="o", ms=3, label=label(len(cells)) if split == "test" else None)
         row[0].axhline(0.5, color="gray", lw=0.8)
         row[0].set(xlabel="policy step", ylabel="held-out AUC, reference > policy (test)", ylim=(-0.02, 1.02),
                    title=f"label noise {noise:g}: the discriminators' view")
@@ -451,11 +496,15 @@ PAIRS = [("dpo", m) for m in METHODS if m.startswith("ganpo") and m != "ganpo-si
 
 
 def paired(done, t):
-    """GANPO minus its base loss on the same seed and noise (same pairs, same order), mean ± sd over
-    seeds: the seed-to-seed spread of the differences, not of each method alone."""
+    """GANPO minus its base loss on the same seed and noise (same pairs, same order), averaged over
+    seeds. Accuracy and reward: ± the standard error of the difference from sampling (the two cells
+    taken as independent, so it errs wide), starred where it exceeds 2 standard errors; the other
+    columns: ± sd over seeds, the spread of the differences."""
     by_key = {key(r): r for r in done}
     lines = ["", f"Paired differences, (method with the adversarial term) − (its base loss), same seed and noise; "
-             f"generation at T = {t}. Time and memory are ratios.", "",
+             f"generation at T = {t}; accuracy on eval.py's 100 pairs. Δ acc and Δ reward: ± the standard error of "
+             "the difference (sampling, the two cells taken as independent); * where |Δ| > 2 standard errors. Other "
+             "columns: ± sd over seeds. Time and memory are ratios.", "",
              "| pair | noise | split | n | Δ pref. acc | Δ reward | Δ win rate | Δ KL | Δ MMD² | s/step ratio | memory ratio |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = 0
@@ -472,7 +521,15 @@ def paired(done, t):
 
                 def gen(key):
                     return lambda e: e["generation"][str(t)][key]
-                cols = [delta(lambda e: e["rewards/accuracies"]), delta(gen("reward")), delta(gen("win_rate")),
+                def sampled(get, se):  # the mean difference over seeds ± its standard error
+                    diffs = [get(g["eval"][split]) - get(b["eval"][split]) for b, g in pairs]
+                    ses = [se(x["eval"][split]) for b, g in pairs for x in (b, g)]
+                    se_mean = math.sqrt(sum(v ** 2 for v in ses)) / len(pairs) if None not in ses else None
+                    return with_se(statistics.mean(diffs), se_mean, effect=True)
+
+                cols = [sampled(lambda e: e["rewards/accuracies"], lambda e: acc_se(e, e["pairs"])),
+                        sampled(gen("reward"), lambda e: e["generation"][str(t)].get("reward_se")),
+                        delta(gen("win_rate")),
                         delta(gen("kl")), delta(lambda e: e["latent/mmd2"])]
                 lines.append(f"| {gan} − {base} | {noise:g} | {split} | {len(seeds)} | " + " | ".join(cols)
                              + f" | {ratio[0]} | {ratio[1]} |")
