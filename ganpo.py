@@ -59,6 +59,9 @@ class GANPOConfig:
     update: str = option("alternating", "alternating (D steps, then the policy meets the new D) | "
                          "simultaneous (an ablation: both players' gradients from the same D)")
     ema_decay: float = option(0.9, "μ of the running means of discriminator logits (authors: 0.9)")
+    latent_reg: str = option("none", "none | mmd: + latent_weight · MMD²(H_θ, H_ref), no adversary")
+    latent_weight: float = option(1.0, "λ_mmd of --latent_reg mmd")
+    rpo_alpha: float = option(0.0, "α of RPO: + α · NLL(y_w|x) per token (0 = off; TRL: ~1.0)")
     logits_chunk: int = option(1024, "completion tokens per LM-head chunk (bounds float32 logits)")
 
 
@@ -159,6 +162,14 @@ def opo_loss(cfg, policy_logps, ref_logps, n_tokens):
     if cfg.loss == "ipo":
         return ipo_loss(policy_avg[:B], policy_avg[B:], ref_avg[:B], ref_avg[B:], cfg.beta)
     raise ValueError(f"--loss {cfg.loss}: expected dpo, simpo or ipo")
+
+
+def chosen_nll(policy_logps, n_tokens):
+    """RPO's term (Liu et al. 2024, arXiv:2405.16436): the NLL of the chosen responses per token,
+        NLL = −Σ_i log π_θ(y_w,i|x_i) / Σ_i |y_w,i|       (token-weighted over the batch, as TRL)
+    from [chosen; rejected] summed log-probs and token counts (2B,) -> a scalar."""
+    B = policy_logps.shape[0] // 2
+    return -policy_logps[:B].sum() / n_tokens[:B].sum()
 
 
 def preference_metrics(policy_logps, ref_logps, n_tokens, beta, losses):
@@ -302,6 +313,26 @@ def update_ema(ema, logits, decay):
         ema[key] = value if key not in ema else decay * ema[key] + (1 - decay) * value
 
 
+def latent_mmd(real, fake, mask):
+    """The non-adversarial control: MMD² between the policy's and the reference's latents, each
+    side's sequences mean-pooled over `mask` (split_latents' real, fake, mask), chosen and rejected
+    apart, then averaged. Per side, x_i = pool(H_θ) and y_i = pool(H_ref), (B, d), B >= 2:
+        MMD²_u = 1/(B(B−1)) · Σ_{i≠j} [k(x_i,x_j) + k(y_i,y_j) − k(x_i,y_j) − k(x_j,y_i)]
+    (Gretton et al. 2012, the unbiased estimate; 0 when x = y), k(a, b) = exp(−‖a−b‖² / 2σ²),
+    σ = the median distance between the reference's pooled latents, detached."""
+    values = []
+    for side in ("chosen", "rejected"):
+        x = mean_pool(fake[side].float(), mask[side])  # (B, d)
+        y = mean_pool(real[side].float(), mask[side]).detach()
+        B = x.shape[0]
+        off = ~torch.eye(B, dtype=torch.bool, device=x.device)
+        sigma2 = torch.cdist(y, y)[off].median().clamp(min=1e-6) ** 2
+        k = lambda a, b: torch.exp(-torch.cdist(a, b) ** 2 / (2 * sigma2))  # noqa: E731
+        h = k(x, x) + k(y, y) - k(x, y) - k(x, y).T  # (B, B)
+        values.append(h[off].mean())
+    return (values[0] + values[1]) / 2
+
+
 # --- one GANPO optimizer step -----------------------------------------------------------------
 
 def discriminator_backward(discs, real, fake, mask, cfg, ema, n_micro, autocast, learn=True):
@@ -361,16 +392,25 @@ def forward_both(policy, ref, batch, cfg, autocast):
 
 
 def policy_backward(out, batch, discs, cfg, ema, n_micro, autocast):
-    """L = L_OPO + λ·L_G of one micro-batch, backward / n_micro into the policy -> its metrics.
-    L_G goes through the discriminators as they are at this moment, frozen."""
+    """L = L_OPO + λ·L_G (+ λ_mmd·MMD², + α·NLL: the controls) of one micro-batch, backward
+    / n_micro into the policy -> its metrics. L_G goes through the discriminators as they are at
+    this moment, frozen."""
     (policy_logps, n_tokens, policy_hidden), (ref_logps, ref_hidden) = out["policy"], out["ref"]
-    metrics, g_loss = {}, None
-    if discs is not None:
-        real, fake, mask = split_latents(batch, policy_hidden, ref_hidden, cfg.disc_tokens)
-        g_loss = adversarial_loss(discs, real, fake, mask, cfg, ema, autocast)
-        metrics.update({"gen/loss": g_loss.detach(), **{f"ema/{k}": v for k, v in ema.items()}})
+    real, fake, mask = split_latents(batch, policy_hidden, ref_hidden, cfg.disc_tokens)
     losses = opo_loss(cfg, policy_logps, ref_logps, n_tokens)  # (B,)
-    loss = losses.mean() if g_loss is None else losses.mean() + cfg.adv_weight * g_loss
+    loss, metrics = losses.mean(), {}
+    if discs is not None:
+        g_loss = adversarial_loss(discs, real, fake, mask, cfg, ema, autocast)
+        loss = loss + cfg.adv_weight * g_loss
+        metrics.update({"gen/loss": g_loss.detach(), **{f"ema/{k}": v for k, v in ema.items()}})
+    with torch.set_grad_enabled(cfg.latent_reg == "mmd"):  # else a free diagnostic, every run
+        mmd = latent_mmd(real, fake, mask) if len(losses) > 1 else torch.zeros(())
+    nll = chosen_nll(policy_logps, n_tokens)
+    if cfg.latent_reg == "mmd":
+        loss = loss + cfg.latent_weight * mmd
+    if cfg.rpo_alpha:
+        loss = loss + cfg.rpo_alpha * nll
+    metrics.update({"latent/mmd": mmd.detach(), "nll/chosen": nll.detach()})
     (loss / n_micro).backward()
     metrics.update(preference_metrics(policy_logps.detach(), ref_logps, n_tokens, cfg.beta,
                                       losses.detach()))

@@ -272,6 +272,41 @@ def test_running_means_start_at_first_value_then_decay():
     assert ema["k"].item() == pytest.approx(0.9 * 2 + 0.1 * 12)
 
 
+
+def test_latent_mmd_equals_a_brute_force_double_loop_is_zero_for_identical_latents_and_grows_with_a_shift():
+    torch.manual_seed(0)
+    B, T, d = 5, 6, 4
+    real = {side: torch.randn(B, T, d) for side in ("chosen", "rejected")}
+    fake = {side: real[side] + 0.3 * torch.randn(B, T, d) for side in ("chosen", "rejected")}
+    mask = {side: torch.rand(B, T) > 0.3 for side in ("chosen", "rejected")}
+    for side in mask:
+        mask[side][:, 0] = True
+
+    def pooled(side):
+        x = [fake[side][i][mask[side][i]].mean(0) for i in range(B)]
+        y = [real[side][i][mask[side][i]].mean(0) for i in range(B)]
+        return x, y, [float((y[i] - y[j]).norm()) for i in range(B) for j in range(B) if i != j]
+    total = 0.0
+    for side in ("chosen", "rejected"):
+        x, y, dist = pooled(side)
+        sigma2 = torch.tensor(dist).median().item() ** 2  # torch's median: the lower middle value
+        k = lambda a, b: math.exp(-float((a - b).pow(2).sum()) / (2 * sigma2))  # noqa: E731
+        h = [k(x[i], x[j]) + k(y[i], y[j]) - k(x[i], y[j]) - k(x[j], y[i]) for i in range(B) for j in range(B) if i != j]
+        total += sum(h) / (B * (B - 1)) / 2
+    assert ganpo.latent_mmd(real, fake, mask).item() == pytest.approx(total, rel=1e-5)
+    assert ganpo.latent_mmd(real, real, mask).item() == pytest.approx(0.0, abs=1e-7)
+    shifts = [ganpo.latent_mmd(real, {s: real[s] + c for s in real}, mask).item() for c in (0.1, 0.5, 2.0)]
+    assert 0 < shifts[0] < shifts[1] < shifts[2]
+    grad_to = {s: v.clone().requires_grad_() for s, v in fake.items()}
+    ganpo.latent_mmd(real, grad_to, mask).backward()
+    assert grad_to["chosen"].grad.abs().sum() > 0
+
+
+def test_chosen_nll_is_the_token_weighted_nll_of_the_chosen_responses():
+    logps = torch.tensor([-6.0, -2.0, -9.0, -1.0])  # [chosen; rejected], B = 2
+    n_tokens = torch.tensor([3, 1, 4, 2])
+    assert ganpo.chosen_nll(logps, n_tokens).item() == pytest.approx((6.0 + 2.0) / (3 + 1))
+
 # ----------------------------------------------------------------- ganpo.py: one optimizer step
 
 def setup_models(tokenizer, adv_weight=1.0, lr=1e-3):
@@ -377,6 +412,29 @@ def test_disc_steps_2_takes_exactly_two_discriminator_optimizer_steps_per_policy
     assert {int(s["step"]) for s in dopt.state.values()} == {4}
     assert {int(s["step"]) for s in popt.state.values()} == {2}
 
+
+
+@pytest.mark.parametrize("control", ["mmd", "rpo"])
+def test_the_non_adversarial_controls_add_their_weighted_term_and_are_logged_on_every_run(tokenizer, control):
+    batch = batch_of(tokenizer, make_rows(4))
+    plain, ref, _, _, _ = setup_models(tokenizer, adv_weight=0)
+    m0 = ganpo.ganpo_step(plain, ref, None, torch.optim.SGD(plain.parameters(), lr=1.0), None, [batch],
+                          ganpo.GANPOConfig(adv_weight=0), {}, nullcontext)
+    assert m0["latent/mmd"] == 0.0 and m0["nll/chosen"] > 0  # logged for DPO; untrained, the policy is π_ref
+    # against another reference (at π_θ = π_ref MMD² is 0 and stationary): DPO, then DPO + the control
+    other = ganpo.make_reference(tiny_policy(tokenizer, seed=1))
+    flags = {"latent_reg": "mmd", "latent_weight": 3.0} if control == "mmd" else {"rpo_alpha": 0.5}
+    steps = []
+    for cfg in (ganpo.GANPOConfig(adv_weight=0), ganpo.GANPOConfig(adv_weight=0, **flags)):
+        policy = tiny_policy(tokenizer)
+        m = ganpo.ganpo_step(policy, other, None, torch.optim.SGD(policy.parameters(), lr=1.0), None, [batch], cfg,
+                             {}, nullcontext, max_grad_norm=0)
+        steps.append((m, [p.detach().clone() for p in policy.parameters()]))
+    (m_dpo, w_dpo), (m, w) = steps
+    assert m_dpo["latent/mmd"] > 0 and m["latent/mmd"] == m_dpo["latent/mmd"] and m["nll/chosen"] == m_dpo["nll/chosen"]
+    term = 3.0 * m["latent/mmd"] if control == "mmd" else 0.5 * m["nll/chosen"]
+    assert m_dpo["loss"] == m_dpo["opo/loss"] and m["loss"] == pytest.approx(m["opo/loss"] + term, rel=1e-6)
+    assert any(not torch.equal(p, q) for p, q in zip(w, w_dpo))  # its gradient reached the policy
 
 @pytest.mark.parametrize("disc_steps, halves", [(1, False), (2, False), (1, True)])
 def test_alternating_update_the_policy_meets_the_discriminators_after_all_their_steps(tokenizer, disc_steps,

@@ -109,7 +109,8 @@ def parse_config():
 def check_config(cfg, world=1):
     choices = {"loss": ("dpo", "simpo", "ipo"), "disc_tokens": ("all", "response"),
                "disc_loss": ("quad", "ragan"), "dtype": ("auto", "bf16", "fp32"),
-               "disc_init": ("xavier", "torch"), "update": ("alternating", "simultaneous")}
+               "disc_init": ("xavier", "torch"), "update": ("alternating", "simultaneous"),
+               "latent_reg": ("none", "mmd")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             fail(f"--{name} {getattr(cfg, name)}: expected {', '.join(allowed[:-1])} or "
@@ -122,6 +123,11 @@ def check_config(cfg, world=1):
         fail(f"--batch_size {cfg.batch_size} must be a multiple of --grad_accum {cfg.grad_accum}"
              if world == 1 else f"--batch_size {cfg.batch_size} must be a multiple of {world} "
              f"processes x --grad_accum {cfg.grad_accum}")
+    if cfg.latent_reg == "mmd" and cfg.batch_size // (world * cfg.grad_accum) < 2:
+        fail("--latent_reg mmd compares the pairs of a micro-batch: it needs at least 2 "
+             "(--batch_size / --grad_accum)")
+    if cfg.rpo_alpha < 0 or cfg.latent_weight < 0:
+        fail("--rpo_alpha and --latent_weight must be >= 0")
     if not 0 <= cfg.disc_dropout < 1:
         fail(f"--disc_dropout {cfg.disc_dropout}: expected a fraction in [0, 1)")
     if not 0 <= cfg.label_noise <= 1:

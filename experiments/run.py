@@ -52,6 +52,11 @@ METHODS = {"dpo": ["--adv_weight", "0"],
            **{name: gan(**kw) for name, kw in SETTINGS.items()},
            **{f"{name}-sim": gan(**kw, update="simultaneous") for name, kw in SETTINGS.items()},
            "ganpo-dlr20x-ragan-adv0.3": [*gan(disc_lr=5e-4, loss="ragan"), "--adv_weight", "0.3"],
+           # issue 25's non-adversarial controls, a sweep of their weights first: DPO + λ_mmd·MMD² of the
+           # latents, and DPO + α·NLL of the chosen responses (RPO)
+           **{f"dpo-mmd{w:g}": ["--adv_weight", "0", "--latent_reg", "mmd", "--latent_weight", f"{w:g}"]
+              for w in (10, 30, 100)},
+           **{f"dpo-rpo{a:g}": ["--adv_weight", "0", "--rpo_alpha", f"{a:g}"] for a in (0.3, 1)},
            "simpo": ["--loss", "simpo", "--beta", "2.0", "--gamma", "0.5", "--adv_weight", "0"],
            "ganpo-simpo": ["--loss", "simpo", "--beta", "2.0", "--gamma", "0.5"]}
 # issue 11's comparison: DPO, the authors' settings, frozen discriminators, and the sweep's pick for
@@ -492,7 +497,7 @@ def plot_game(done, path):
 
 
 # (base loss, the same loss + the adversarial term)
-PAIRS = [("dpo", m) for m in METHODS if m.startswith("ganpo") and m != "ganpo-simpo"] + [("simpo", "ganpo-simpo")]
+PAIRS = [("dpo", m) for m in METHODS if m.startswith(("ganpo", "dpo-")) and m != "ganpo-simpo"] + [("simpo", "ganpo-simpo")]
 
 
 def paired(done, t):
