@@ -1,4 +1,4 @@
-"""Tests: CPU only, offline, about 2 minutes on 2 cores (50 s without the `slow` ones).
+"""Tests: CPU only, offline, about 2.5 minutes on 2 cores (1 minute without the `slow` ones).
 
     HF_HUB_OFFLINE=1 python -m pytest -q test_ganpo.py              # all
     HF_HUB_OFFLINE=1 python -m pytest -q test_ganpo.py -m "not slow"   # no torchrun, bench, grid
