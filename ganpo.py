@@ -328,7 +328,8 @@ def latent_mmd(real, fake, mask):
         off = ~torch.eye(B, dtype=torch.bool, device=x.device)
         sigma2 = torch.cdist(y, y)[off].median().clamp(min=1e-6) ** 2
         k = lambda a, b: torch.exp(-torch.cdist(a, b) ** 2 / (2 * sigma2))  # noqa: E731
-        h = k(x, x) + k(y, y) - k(x, y) - k(x, y).T  # (B, B)
+        k_xy = k(x, y)
+        h = k(x, x) + k(y, y) - k_xy - k_xy.T  # (B, B)
         values.append(h[off].mean())
     return (values[0] + values[1]) / 2
 
@@ -448,6 +449,7 @@ def ganpo_step(policy, ref, discs, policy_opt, disc_opt, micro_batches, cfg, ema
     come from the same D_t, before its step. Backwards are divided by k: the gradients are means
     over the step (for OPO exactly as one big batch; m̄, updated per micro-batch, is not)."""
     k, alternating = len(micro_batches), cfg.update == "alternating"
+    learn = discs is not None and disc_opt is not None
     keep_graph = k == 1 or not alternating
     seen, per_micro = [], []
     for i, batch in enumerate(micro_batches):  # 1 (simultaneous: and 3)
@@ -458,13 +460,13 @@ def ganpo_step(policy, ref, discs, policy_opt, disc_opt, micro_batches, cfg, ema
             real, fake, mask = split_latents(batch, out["policy"][2], out["ref"][1],
                                              cfg.disc_tokens)
             latents = (real, {key: v.detach() for key, v in fake.items()}, mask)
-            m = discriminator_backward(discs, *latents, cfg, ema, k, autocast, disc_opt is not None)
+            m = discriminator_backward(discs, *latents, cfg, ema, k, autocast, learn)
         if not alternating:
             scaleout.sync_gradients(policy, i == k - 1)  # torchrun: reduce gradients once a step
             m.update(policy_backward(out, batch, discs, cfg, ema, k, autocast))
         seen.append((batch, out if keep_graph else {"ref": out["ref"]}, latents))
         per_micro.append(m)
-    if discs is not None and disc_opt is not None:  # 2
+    if learn:  # 2
         d_norm = step_discriminators(discs, disc_opt, [s[2] for s in seen], cfg, ema, autocast)
     for i, (batch, out, _) in enumerate(seen if alternating else []):  # 3
         scaleout.sync_gradients(policy, i == k - 1)  # torchrun: reduce gradients once a step
@@ -475,7 +477,7 @@ def ganpo_step(policy, ref, discs, policy_opt, disc_opt, micro_batches, cfg, ema
     metrics = {key: torch.stack([m[key].float() for m in per_micro]).mean()
                for key in per_micro[0] if key != "tokens"}
     metrics["tokens"] = sum(m["tokens"] for m in per_micro)
-    if discs is not None and disc_opt is not None:
+    if learn:
         metrics["disc/grad_norm"] = d_norm
     metrics["policy/grad_norm"] = scaleout.clip_grad_norm(policy.parameters(), max_grad_norm)
     policy_opt.step()
