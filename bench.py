@@ -140,6 +140,18 @@ def matmul_rate(device, autocast, n=2048, seconds=0.5, repeats=3):
     return max(rates)
 
 
+def logp_agreement(policy, batch, autocast):
+    """The batch's summed sequence log-probs under `autocast` against float32, before any step:
+    -> {max_abs, mean_abs (nats per sequence), mean_abs_per_token, mean_logp (fp32)}."""
+    with torch.no_grad():
+        exact, n_tokens, _ = ganpo.forward_logps_and_hidden(policy, batch)
+        with autocast():
+            low, _, _ = ganpo.forward_logps_and_hidden(policy, batch)
+    diff = (low.float() - exact).abs()
+    return {"max_abs": diff.max().item(), "mean_abs": diff.mean().item(),
+            "mean_abs_per_token": (diff / n_tokens).mean().item(), "mean_logp": exact.mean().item()}
+
+
 def random_examples(vocab_size, pairs, max_length, seed):
     """Tokenised pairs of random ids: max_length // 4 prompt tokens, the rest completion, no padding."""
     gen = torch.Generator().manual_seed(seed)
@@ -185,6 +197,7 @@ def setup(cfg, arms):
                  "ganpo": ganpo.GANPOConfig(adv_weight=cfg.adv_weight, disc_tokens=cfg.disc_tokens,
                                             logits_chunk=chunk)}
     ema = {}
+    agreement = logp_agreement(policy, batch, autocast) if use_bf16 else None
 
     def step(arm):
         gan = arm == "ganpo"
@@ -198,7 +211,8 @@ def setup(cfg, arms):
             "disc_params": sum(p.numel() for p in discs.parameters()) if discs is not None else 0,
             "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
             "precision": "bf16 autocast" if use_bf16 else "fp32", "shape": shape_of(policy.config),
-            "tokens_per_step": 2 * cfg.batch_size * cfg.max_length, "prompt_tokens": P}
+            "tokens_per_step": 2 * cfg.batch_size * cfg.max_length, "prompt_tokens": P,
+            "native_bf16": scaleout.native_bf16(device), "logp_vs_fp32": agreement}
     return step, device, info
 
 
@@ -329,6 +343,7 @@ def main():
             rate = matmul_rate(device, scaleout.precision(device, dtype)[1], n=n)
             print(f"{device} ({torch.get_num_threads()} threads): {n} x {n} matmul, "
                   f"{'bf16 autocast' if dtype == 'bf16' else 'fp32'}: {rate / 1e9:.2f} GFLOP/s")
+        print(f"native bf16 units: {'yes' if scaleout.native_bf16(device) else 'no'}")
         return
     if cfg.only:  # child: one update alone; peak over a warm-up step (optimizer state appears) and one more
         step, device, _ = setup(cfg, [cfg.only])
@@ -389,6 +404,11 @@ def main():
     print(f"GANPO/DPO: time {result['time_ratio']:.3f}{mem} | FLOPs {result['flop_ratio_counted']:.3f} counted, "
           f"{result['flop_ratio_formula']:.3f} by step_flops()"
           + (" (a full fine-tuning formula)" if cfg.lora_r else ""))
+    if info["logp_vs_fp32"]:
+        a = info["logp_vs_fp32"]
+        print(f"log-probs vs fp32 (same weights, step 0): |Δ| mean {a['mean_abs']:.3f}, max "
+              f"{a['max_abs']:.3f} nats per sequence ({a['mean_abs_per_token']:.1e} per token; "
+              f"mean log-prob {a['mean_logp']:.1f})")
     eff = {k: "n/a" if v is None else f"{v:.0%}" for k, v in result["efficiency"].items()}
     print(f"arithmetic rate vs a plain matmul here ({rate / 1e9:.1f} GFLOP/s): DPO {eff['dpo']}, "
           f"GANPO {eff['ganpo']}, what GANPO adds {eff['extra']}")

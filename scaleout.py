@@ -26,13 +26,22 @@ import torch.nn as nn
 
 # ---------------------------------------------------------------------------- precision, memory
 
+def native_bf16(device):
+    """Does this device multiply bf16 in hardware? A GPU: compute capability 8 or more (Ampere on;
+    `including_emulation=False`, else a T4 says yes and runs bf16 emulated, slowly). A CPU:
+    AVX512-BF16 or AMX units, the ones oneDNN uses for bf16 matmuls (torch.cpu's own probes)."""
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
 def precision(device, dtype):
     """-> (use_bf16, autocast): `dtype` auto | bf16 | fp32. Parameters stay float32 either way.
 
-    auto = bf16 autocast on a GPU with bf16 support, float32 elsewhere: on CPUs without bf16 matrix
+    auto = bf16 autocast on a GPU with native bf16, float32 elsewhere: on CPUs without bf16 matrix
     units bf16 matmuls run ~100x slower than float32 (`python bench.py --matmul`)."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device == "cuda"
-                                   and torch.cuda.is_bf16_supported())
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device == "cuda" and native_bf16(device))
     return use_bf16, lambda: torch.autocast(device_type=device, dtype=torch.bfloat16,
                                             enabled=use_bf16)
 

@@ -703,6 +703,73 @@ def test_bundled_data_has_the_promised_splits_counts_and_gaps():
     assert not train_prompts & {r["prompt"][0]["content"] for r in loading.read_rows("bundled", "test")}
 
 
+# ------------------------------------- scaleout.py: bf16 autocast and gradient checkpointing
+
+BF16 = scaleout.precision("cpu", "bf16")[1]  # as train.py --dtype bf16: float32 weights, bf16 matmuls
+
+
+def checkpointed_models(tokenizer, checkpointing=True):
+    """The tiny policy in training mode, its reference and discriminators, as train.py
+    --gradient_checkpointing builds them."""
+    policy, ref, discs, popt, dopt = setup_models(tokenizer)
+    if checkpointing:
+        scaleout.enable_checkpointing(policy)
+    return policy.train(), ref, discs, popt, dopt
+
+
+def test_bf16_with_checkpointing_step_0_has_ln2_loss_zero_rewards_and_float32_logps(tokenizer):
+    policy, ref, discs, popt, dopt = checkpointed_models(tokenizer)
+    batch = batch_of(tokenizer, make_rows(4))
+    out = ganpo.forward_both(policy, ref, batch, SMALL_D, BF16)
+    logps = out["policy"][0]
+    assert logps.dtype == torch.float32 and logps.requires_grad  # reduced in float32, graph kept
+    with torch.no_grad():
+        exact = ganpo.forward_logps_and_hidden(policy, batch)[0]
+    assert not torch.equal(logps, exact)  # bf16 matmuls did run ...
+    torch.testing.assert_close(logps.detach(), exact, rtol=2e-2, atol=0.5)  # ... summed in float32
+    m = ganpo.ganpo_step(policy, ref, discs, popt, dopt, [batch], SMALL_D, {}, BF16)
+    assert m["opo/loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy and reference compute alike
+    assert m["rewards/chosen"] == 0 and m["rewards/rejected"] == 0 and m["rewards/margins"] == 0
+    assert math.isfinite(m["gen/loss"]) and m["policy/grad_norm"] > 0
+
+
+def test_bf16_gradients_with_checkpointing_equal_those_without_within_bf16_tolerance(tokenizer):
+    grads = []
+    for checkpointing in (False, True):
+        policy, ref, discs, _, _ = checkpointed_models(tokenizer, checkpointing)
+        cfg, batch, ema = SMALL_D, batch_of(tokenizer, make_rows(4)), {}
+        torch.manual_seed(1)  # the same dropout masks in the discriminators
+        out = ganpo.forward_both(policy, ref, batch, cfg, BF16)
+        real, fake, mask = ganpo.split_latents(batch, out["policy"][2], out["ref"][1], "all")
+        ganpo.discriminator_backward(discs, real, {k: v.detach() for k, v in fake.items()}, mask,
+                                     cfg, ema, 1, BF16)  # the running means L_G reads
+        ganpo.policy_backward(out, batch, discs, cfg, ema, 1, BF16)
+        grads.append(torch.cat([p.grad.flatten() for p in policy.parameters()]))
+    no_ckpt, ckpt = grads
+    assert no_ckpt.norm() > 0
+    # the recomputed forward runs the same bf16 kernels on the same inputs: equal to bf16 rounding
+    torch.testing.assert_close(ckpt, no_ckpt, rtol=1e-2, atol=1e-2 * no_ckpt.abs().max().item())
+    assert (ckpt - no_ckpt).norm() <= 1e-2 * no_ckpt.norm()
+
+
+def cuda_like(major, monkeypatch):
+    """torch.cuda's queries answer as a GPU of compute capability `major`.x would; bf16 tensors
+    can be made on it either way (a T4, 7.5, emulates them)."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True)
+
+
+@pytest.mark.parametrize("major, bf16", [(7, False), (8, True), (9, True)])  # T4, A100, H100
+def test_dtype_auto_picks_bf16_only_on_gpus_with_native_bf16(monkeypatch, major, bf16):
+    cuda_like(major, monkeypatch)
+    assert torch.cuda.is_bf16_supported()  # torch's default counts emulation: a T4 says yes
+    assert scaleout.precision("cuda", "auto")[0] is bf16
+    assert scaleout.precision("cuda", "fp32")[0] is False and scaleout.precision("cuda", "bf16")[0]
+
+
 # ------------------------------------------------- scaleout.py: LoRA, the reference is the base
 
 def lora_policy(tokenizer, r=4, dropout=0.1):
@@ -864,6 +931,7 @@ def test_train_script_runs_tiny_model_and_writes_a_loadable_policy_and_metrics(t
 
 
 NEW_FLAGS = {"authors": [], "frozen": ["--disc_lr", "0"], "lora": ["--lora_r", "4", "--lora_alpha", "8"],
+             "bf16-checkpointing": ["--dtype", "bf16", "--gradient_checkpointing"],
              "fast-ragan-k2-response": ["--disc_lr", "3e-3", "--disc_steps", "2", "--disc_loss", "ragan",
                                         "--disc_tokens", "response"]}
 
@@ -1459,3 +1527,51 @@ if __name__ == "__main__":  # torchrun ... test_ganpo.py PLAN: the train.py runs
         assert code == 0, printed[-3000:]
         torch.distributed.barrier()  # rank 0 has written the run's files before any rank goes on
     torch.distributed.destroy_process_group()
+
+
+# ------------------------------------------------------------------------- scripts/gpu_check.py
+
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(HERE, "scripts", "gpu_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_without_a_cuda_device_stops_with_one_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        gpu_check().main(["--out", str(tmp_path / "r.json")])
+    assert str(stop.value).startswith("error: no CUDA device") and "\n" not in str(stop.value)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_gpu_check_train_judge_fails_a_run_whose_step_0_is_not_dpo_or_whose_loss_does_not_fall(tmp_path):
+    judge = gpu_check().judge_train
+
+    def judged(step0_loss, reward, final_loss):
+        rows = [{"step": 0, "opo/loss": step0_loss, "rewards/chosen": reward, "rewards/rejected": 0.0},
+                {"step": 1, "opo/loss": 0.6}, {"step": 2, "split": "held-out", "eval/opo/loss": final_loss}]
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return judge("", str(tmp_path))
+    figures, problems = judged(math.log(2), 0.0, 0.6)
+    assert problems == [] and figures["steps"] == 2 and figures["final_heldout_loss"] == 0.6
+    assert "step 0" in judged(0.69, 0.0, 0.6)[1][0] and "step 0" in judged(math.log(2), 1e-3, 0.6)[1][0]
+    assert "did not fall" in judged(math.log(2), 0.0, 0.7)[1][0]
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_check_on_the_cpu_and_writes_its_record(tmp_path, capsys):
+    """The same five checks, on the tiny model in float32 (--allow_cpu: how CPU machines test it)."""
+    out = tmp_path / "record.json"
+    code = gpu_check().main(["--allow_cpu", "--model", "tiny", "--dtype", "fp32", "--train_steps", "6",
+                             "--train_flags", "--lr 1e-3", "--bench_flags", "--max_length 64 --steps 1 --no_memory",
+                             "--out", str(out)])
+    printed = capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert code == 0 and record["ok"], printed
+    assert [r["check"] for r in record["checks"]] == ["bench", "train", "torchrun", "lora"]
+    train_row = record["checks"][1]["figures"]
+    assert train_row["step0_loss"] == pytest.approx(math.log(2), abs=1e-6) and train_row["step0_rewards"] == [0, 0]
+    assert train_row["final_heldout_loss"] < math.log(2) and train_row["steps"] == 6
+    assert record["checks"][0]["figures"]["time_ratio"] > 1 and "all checks passed" in printed
