@@ -24,14 +24,16 @@ import sys
 import tempfile
 import time
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import loading  # noqa: E402
+import scaleout  # noqa: E402
 
 
 def environment():
     """-> what this machine offers: torch, CUDA, the device, native bf16, NCCL."""
-    import torch
-    import scaleout
     cuda = torch.cuda.is_available()
     return {"torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": cuda,
             "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -65,8 +67,9 @@ def judge_bench(output, folder):
 
 
 def judge_train(output, folder):
-    steps = [r for r in records(folder) if "split" not in r]
-    final = [r for r in records(folder) if "split" in r][-1]
+    rows = records(folder)
+    steps = [r for r in rows if "split" not in r]
+    final = [r for r in rows if "split" in r][-1]
     first = steps[0]
     figures = {"step0_loss": first["opo/loss"], "step0_rewards": [first["rewards/chosen"],
                                                                   first["rewards/rejected"]],
@@ -159,7 +162,6 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
         rows = [check(*c, args.timeout) for c in checks(args, work)]
     print(table(env, rows))
-    import loading
     record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": env, "checks": rows,
               "ok": all(r["ok"] for r in rows)}
     loading.write_text(args.out, json.dumps(record, indent=1) + "\n")
