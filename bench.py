@@ -41,7 +41,7 @@ class BenchConfig:
     batch_size: int = option(4, "preference pairs per optimizer step")
     max_length: int = option(256, "tokens per sequence (a quarter of them prompt)")
     steps: int = option(3, "timed steps per update, after one warm-up step each")
-    dtype: str = option("auto", "auto (bf16 autocast on a bf16 GPU, else fp32) | bf16 | fp32")
+    dtype: str = option("auto", "auto (bf16 autocast on bf16 units, else fp32) | bf16 | fp32")
     gradient_checkpointing: bool = option(False, "recompute decoder activations in backward")
     adv_weight: float = option(1.0, "λ of the GANPO update (the other one is λ = 0: DPO)")
     disc_tokens: str = option("all", "tokens the discriminators see: all | response")

@@ -39,9 +39,10 @@ def native_bf16(device):
 def precision(device, dtype):
     """-> (use_bf16, autocast): `dtype` auto | bf16 | fp32. Parameters stay float32 either way.
 
-    auto = bf16 autocast on a GPU with native bf16, float32 elsewhere: on CPUs without bf16 matrix
-    units bf16 matmuls run ~100x slower than float32 (`python bench.py --matmul`)."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device == "cuda" and native_bf16(device))
+    auto = bf16 autocast where the device multiplies bf16 in hardware, GPU or CPU, float32
+    elsewhere: there bf16 is emulated, ~100x slower on a CPU (`python bench.py --matmul`; bench.md
+    measures both on the default model)."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and native_bf16(device))
     return use_bf16, lambda: torch.autocast(device_type=device, dtype=torch.bfloat16,
                                             enabled=use_bf16)
 

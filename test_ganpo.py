@@ -31,7 +31,8 @@ import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_FLAGS = ["--model", "tiny", "--disc_dim", "32", "--disc_heads", "2", "--max_length", "64",
-              "--max_prompt_length", "40", "--batch_size", "4", "--log_every", "1"]
+              "--max_prompt_length", "40", "--batch_size", "4", "--log_every", "1",
+              "--dtype", "fp32"]  # auto would pick bf16 on CPUs with bf16 units: exact on any CPU
 
 SMALL_D = ganpo.GANPOConfig(disc_dim=32, disc_heads=2)  # discriminators to match the tiny model
 EMA_KEYS = {f"{side}/{role}" for side in ("chosen", "rejected") for role in ("real", "fake", "contrast")}
@@ -770,6 +771,15 @@ def test_dtype_auto_picks_bf16_only_on_gpus_with_native_bf16(monkeypatch, major,
     assert scaleout.precision("cuda", "fp32")[0] is False and scaleout.precision("cuda", "bf16")[0]
 
 
+@pytest.mark.parametrize("units", [False, True])
+def test_dtype_auto_on_a_cpu_picks_bf16_only_with_bf16_units(monkeypatch, units):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: units)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert scaleout.native_bf16("cpu") is units
+    assert scaleout.precision("cpu", "auto")[0] is units
+    assert scaleout.precision("cpu", "fp32")[0] is False and scaleout.precision("cpu", "bf16")[0]
+
+
 # ------------------------------------------------- scaleout.py: LoRA, the reference is the base
 
 def lora_policy(tokenizer, r=4, dropout=0.1):
@@ -928,6 +938,17 @@ def test_train_script_runs_tiny_model_and_writes_a_loadable_policy_and_metrics(t
     assert evals[-1]["eval/rewards/margins"] > 0  # it learned something about the held-out pairs
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 6 and set(state["ema"]) == EMA_KEYS and state["discs"] is not None
+
+
+@pytest.mark.parametrize("units", [False, True])
+def test_train_records_what_dtype_auto_picked_so_a_resume_keeps_it(tmp_path, data_file, monkeypatch, units):
+    monkeypatch.setattr(scaleout, "native_bf16", lambda device: units)
+    out, picked = tmp_path / "run", "bf16" if units else "fp32"
+    code, printed = train_here([*TINY_FLAGS, "--dtype", "auto", "--data", data_file, "--output_dir", str(out),
+                                "--max_steps", "0"])
+    assert code == 0, printed[-2000:]
+    assert f'"dtype": "{picked}"' in printed
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["dtype"] == picked
 
 
 NEW_FLAGS = {"authors": [], "frozen": ["--disc_lr", "0"], "lora": ["--lora_r", "4", "--lora_alpha", "8"],

@@ -73,7 +73,7 @@ class Config(ganpo.GANPOConfig):  # the objective's and discriminators' flags co
                                             "--disc_lr_ratio); 0 = frozen")
     disc_lr_ratio: float = option(0.5, "peak discriminator lr / policy lr (authors: 0.5); 0 = "
                                        "frozen")
-    dtype: str = option("auto", "auto (bf16 autocast on a bf16 GPU, else fp32) | bf16 | fp32")
+    dtype: str = option("auto", "auto (bf16 autocast on bf16 units, else fp32) | bf16 | fp32")
     gradient_checkpointing: bool = option(False, "recompute decoder activations in backward")
     seed: int = option(0, "seeds data order, label noise, discriminators, tiny model")
     label_noise: float = option(0.0, "fraction of training pairs with chosen/rejected swapped")
@@ -475,8 +475,9 @@ def main():
         sys.stdout = open(os.devnull, "w")
         transformers.utils.logging.disable_progress_bar()
     cfg, saved = read_saved_run(cfg, world)
+    use_bf16, autocast = scaleout.precision(device, cfg.dtype)
+    cfg.dtype = "bf16" if use_bf16 else "fp32"  # what auto picked, for the record and a resume
     print(json.dumps(asdict(cfg)))
-    use_bf16, autocast = scaleout.precision(device, cfg.dtype)  # CPU: float32
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)

@@ -66,6 +66,8 @@ COMPARISON = ["dpo", "ganpo", "ganpo-frozen", "ganpo-dlr20x-k4", "ganpo-dlr20x-r
 OLD_GRID = "simultaneous-grid"  # the records from before issue 24, in experiments/results/
 # periodic held-out evaluations, so the discriminators' AUC can be followed over training
 PERIODIC = ["--eval_every", "8", "--eval_pairs", "96"]
+# float32 on every CPU, as every record was measured (--dtype auto picks bf16 on CPUs with bf16 units)
+FP32 = ["--dtype", "fp32"]
 SPLITS = ("test", "shift")
 
 
@@ -84,7 +86,7 @@ def commands(cell, args, runs=None, python=sys.executable):
     as this machine runs them; with runs="runs/grid", python="python", as a record keeps them, so any
     clone can rerun a record's commands."""
     run = os.path.join(runs or args.runs, cell["name"])
-    train = [python, "train.py", "--output_dir", run, *PERIODIC, *METHODS[cell["method"]],
+    train = [python, "train.py", "--output_dir", run, *PERIODIC, *FP32, *METHODS[cell["method"]],
              "--label_noise", str(cell["noise"]), "--seed", str(cell["seed"]), *shlex.split(args.train_flags)]
     if runs is None and os.path.isfile(os.path.join(run, "checkpoint.pt")):
         train.append("--resume")
