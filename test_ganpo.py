@@ -1,7 +1,7 @@
-"""Tests: CPU only, offline, about 2.5 minutes on 2 cores (1 minute without the `slow` ones).
+"""Tests: CPU only, offline, about 2 minutes on 2 cores (35 s without the `slow` ones).
 
     HF_HUB_OFFLINE=1 python -m pytest -q test_ganpo.py              # all
-    HF_HUB_OFFLINE=1 python -m pytest -q test_ganpo.py -m "not slow"   # no torchrun, bench, grid
+    HF_HUB_OFFLINE=1 python -m pytest -q test_ganpo.py -m "not slow"   # no torchrun, bench, grid, gpu_check
 
 Each test is named for the property it checks. Models are the `tiny` random Llama (with the
 packaged SmolLM2 tokenizer, so chat templates and special tokens are real).
