@@ -1536,6 +1536,8 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_re
     assert rep.returncode == 0, rep.stderr[-2000:]
     rows = (tmp_path / "results.md").read_text().split("Old -> new")[1]
     assert f"| ganpo-n0.2-s0 | - -> - | 0.500 -> {mmd2} | " in rows and " | 0.250 -> - |" in rows
+    acc = f"{final['rewards/accuracies']:.3f} ± {acc_se:.3f}"  # both sides carry their standard error
+    assert f" | {acc} -> {acc} | " in rows
     for figure in ("results.png", "game.png", "comparison.png"):  # matplotlib is a requirement: the report always draws
         assert (tmp_path / figure).read_bytes()[:8] == PNG, figure
 

@@ -394,15 +394,19 @@ def old_vs_new(done, old):
     if not rows:
         return []
     lines = ["", f"Old -> new: each rerun cell's record in {OLD_GRID}/ (before issue 24) and now, `test` split; "
-             "accuracy from train.py's final evaluation (276 pairs), the rest from eval.py.", "",
+             "accuracy from train.py's final evaluation (276 pairs, ± its binomial standard error), the rest "
+             "from eval.py (reward ± its standard error over prompts, recorded since issue 24).", "",
              "| cell | D AUC ref > policy | MMD² to ref | pref. acc | reward T=1.0 | reward T=1.5 |", "|---|---|---|---|---|---|"]
-    getters = [lambda r: r["eval"]["test"].get("disc/auc_real_fake"), lambda r: r["eval"]["test"]["latent/mmd2"],
-               lambda r: r["final_eval"]["test"]["rewards/accuracies"],
-               lambda r: r["eval"]["test"]["generation"]["1.0"]["reward"],
-               lambda r: r["eval"]["test"]["generation"]["1.5"]["reward"]]
+    test = lambda r: r["eval"]["test"]  # noqa: E731
+    getters = [lambda r: (test(r).get("disc/auc_real_fake"), None), lambda r: (test(r)["latent/mmd2"], None),
+               lambda r: (r["final_eval"]["test"]["rewards/accuracies"],
+                          acc_se(r["final_eval"]["test"], final_pairs(r, "test")))]
+    getters += [lambda r, t=t: (test(r)["generation"][t]["reward"], test(r)["generation"][t].get("reward_se"))
+                for t in ("1.0", "1.5")]
+
     def figure(r, get):
         try:
-            return with_se(get(r), None)
+            return with_se(*get(r))
         except (KeyError, TypeError):
             return "-"
 
