@@ -246,6 +246,31 @@ def with_se(value, se, effect=False):
     return f"{value:.3f} ± {se:.3f}" + ("*" if effect and abs(value) > 2 * se else "")
 
 
+def on_test(r):
+    return r["eval"]["test"]
+
+
+# a record's `test` figures for the cell-by-cell tables, each -> (value, its standard error or None)
+TEST_FIGURES = {"auc": lambda r: (on_test(r).get("disc/auc_real_fake"), None),
+                "mmd2": lambda r: (on_test(r)["latent/mmd2"], None),
+                "cosine": lambda r: (on_test(r)["latent/cosine"], None),
+                "acc": lambda r: (r["final_eval"]["test"]["rewards/accuracies"],
+                                  acc_se(r["final_eval"]["test"], final_pairs(r, "test")))}
+
+
+def reward_on_test(t):
+    """-> getter of the reward at temperature t (a string key, as eval.py records it) ± its standard error."""
+    return lambda r: (on_test(r)["generation"][t]["reward"], on_test(r)["generation"][t].get("reward_se"))
+
+
+def figure(r, get):
+    """One table entry: get(r) as 'value ± se', '-' where the record lacks the figure."""
+    try:
+        return with_se(*get(r))
+    except (KeyError, TypeError):
+        return "-"
+
+
 def report(args):
     done = list(load_records(args.results).values())
     if not done:
@@ -362,20 +387,7 @@ def per_seed_table(done):
              "| method | noise | D AUC ref > policy | MMD² to ref | cosine | pref. acc | "
              + " | ".join(f"reward T={t}" for t in temps) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(temps)]
-
-    def figure(r, get):
-        try:
-            return with_se(*get(r))
-        except (KeyError, TypeError):
-            return "-"
-
-    test = lambda r: r["eval"]["test"]  # noqa: E731
-    getters = [lambda r: (test(r).get("disc/auc_real_fake"), None), lambda r: (test(r)["latent/mmd2"], None),
-               lambda r: (test(r)["latent/cosine"], None),
-               lambda r: (r["final_eval"]["test"]["rewards/accuracies"],
-                          acc_se(r["final_eval"]["test"], final_pairs(r, "test")))]
-    getters += [lambda r, t=t: (test(r)["generation"][t]["reward"], test(r)["generation"][t].get("reward_se"))
-                for t in temps]
+    getters = [TEST_FIGURES[f] for f in ("auc", "mmd2", "cosine", "acc")] + [reward_on_test(t) for t in temps]
     for noise in (0.0, 0.2):
         if not any((method, noise, s) in by_key for method in COMPARISON for s in seeds):
             continue
@@ -397,19 +409,7 @@ def old_vs_new(done, old):
              "accuracy from train.py's final evaluation (276 pairs, ± its binomial standard error), the rest "
              "from eval.py (reward ± its standard error over prompts, recorded since issue 24).", "",
              "| cell | D AUC ref > policy | MMD² to ref | pref. acc | reward T=1.0 | reward T=1.5 |", "|---|---|---|---|---|---|"]
-    test = lambda r: r["eval"]["test"]  # noqa: E731
-    getters = [lambda r: (test(r).get("disc/auc_real_fake"), None), lambda r: (test(r)["latent/mmd2"], None),
-               lambda r: (r["final_eval"]["test"]["rewards/accuracies"],
-                          acc_se(r["final_eval"]["test"], final_pairs(r, "test")))]
-    getters += [lambda r, t=t: (test(r)["generation"][t]["reward"], test(r)["generation"][t].get("reward_se"))
-                for t in ("1.0", "1.5")]
-
-    def figure(r, get):
-        try:
-            return with_se(*get(r))
-        except (KeyError, TypeError):
-            return "-"
-
+    getters = [TEST_FIGURES[f] for f in ("auc", "mmd2", "acc")] + [reward_on_test(t) for t in ("1.0", "1.5")]
     for new, was in rows:
         cols = [f"{figure(was, g)} -> {figure(new, g)}" for g in getters]
         lines.append(f"| {new['name']} | " + " | ".join(cols) + " |")
