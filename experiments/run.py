@@ -114,6 +114,18 @@ def run_logged(cmd, log_path):
     return time.time() - t0
 
 
+def hardware():
+    """The machine, named finely enough to tell whether two records' floats can agree: CPUs whose
+    kernels differ (torch's AVX2 and AVX512 code paths) round differently, in the last bits."""
+    model = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    import torch
+    return (f"{platform.machine()} {os.cpu_count()} cores, {model or platform.processor() or '?'}, torch "
+            f"{torch.backends.cpu.get_cpu_capability()} kernels ({platform.platform()})")
+
+
 def run_cell(cell, args):
     run, train, evaluate = commands(cell, args)
     if os.path.isdir(run) and not os.path.isfile(os.path.join(run, "checkpoint.pt")):
@@ -139,7 +151,7 @@ def run_cell(cell, args):
     train_as_recorded, evaluate_as_recorded = recorded_commands(cell, args)
     record = {**cell, "commit": commit, "train_command": shlex.join(train_as_recorded),
               "eval_command": shlex.join(evaluate_as_recorded),
-              "hardware": f"{platform.machine()} {os.cpu_count()} cores ({platform.processor() or platform.platform()})",
+              "hardware": hardware(),
               "train_wall_s": train_s, "eval_wall_s": eval_s,
               "step_time_median_s": statistics.median(m["step_time"] for m in steps),
               "peak_memory_gib": max(m.get("memory/peak_gib", 0) for m in steps),
