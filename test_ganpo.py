@@ -1538,6 +1538,16 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_re
     assert f"| ganpo-n0.2-s0 | - -> - | 0.500 -> {mmd2} | " in rows and " | 0.250 -> - |" in rows
     acc = f"{final['rewards/accuracies']:.3f} ± {acc_se:.3f}"  # both sides carry their standard error
     assert f" | {acc} -> {acc} | " in rows
+    # issue 25's sweep: made-up noise-0 cells, DPO and DPO + 30·MMD², the term as trained beside the loss
+    for method, cfg in (("dpo", {}), ("dpo-mmd30", {"latent_reg": "mmd", "latent_weight": 30.0})):
+        c = {**r, "method": method, "noise": 0.0, "name": f"{method}-n0-s0",
+             "train_config": {**r["train_config"], **cfg}, "metrics": [{**r["metrics"][0], "latent/mmd": 0.01}]}
+        (tmp_path / "results" / f"{method}-n0-s0.json").write_text(json.dumps(c))
+    rep = run("--report")
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    rows = (tmp_path / "results.md").read_text().split("controls' sweep")[1]
+    dpo_loss, mmd2 = f"{r['metrics'][0]['opo/loss']:.3f}", f"{r['eval']['test']['latent/mmd2']:.3f}"
+    assert f"| dpo | {dpo_loss} | 0.000 | {mmd2} | " in rows and f"| dpo-mmd30 | {dpo_loss} | 0.300 | " in rows
     for figure in ("results.png", "game.png", "comparison.png"):  # matplotlib is a requirement: the report always draws
         assert (tmp_path / figure).read_bytes()[:8] == PNG, figure
 

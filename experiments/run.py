@@ -308,6 +308,7 @@ def report(args):
     lines += comparison_table(groups)
     lines += per_seed_table(done)
     lines += paired(done, t)
+    lines += controls_sweep(done)
     lines += old_vs_new(done, load_records(os.path.join(args.results, OLD_GRID)).values())
     lines += ["", "| method | cells | median s/step | peak memory GiB | train wall s | eval wall s |", "|---|---|---|---|---|---|"]
     by_method = {}
@@ -425,6 +426,42 @@ def old_vs_new(done, old):
     for new, was in rows:
         cols = [f"{figure(was, g)} -> {figure(new, g)}" for g in getters]
         lines.append(f"| {new['name']} | " + " | ".join(cols) + " |")
+    return lines
+
+
+CONTROLS = [m for m in METHODS if m.startswith(("dpo-mmd", "dpo-rpo"))]  # issue 25's sweep
+
+
+def penalty(r):
+    """(base loss, its weighted control term) averaged over a cell's training steps: the term is
+    λ_mmd·latent/mmd or α·nll/chosen, whichever the cell trained with (0 for plain DPO)."""
+    c, steps = r["train_config"], r["metrics"]
+    weight, name = ((c["latent_weight"], "latent/mmd") if c.get("latent_reg") == "mmd"
+                    else (c.get("rpo_alpha", 0.0), "nll/chosen"))
+    return (statistics.mean(m["opo/loss"] for m in steps),
+            statistics.mean(weight * m[name] for m in steps) if weight else 0.0)
+
+
+def controls_sweep(done):
+    """Issue 25's sweep on the default run (noise 0, seed 0): DPO beside each weight of the two
+    non-adversarial controls; the term's size next to the DPO loss as trained, then eval.py's
+    independent MMD², the held-out accuracy and the reward."""
+    by_key = {key(r): r for r in done}
+    rows = [by_key[(m, 0.0, 0)] for m in ["dpo", *CONTROLS] if (m, 0.0, 0) in by_key]
+    if len(rows) < 2:
+        return []
+    temps = ("0.7", "1.0", "1.5")
+    lines = ["", "The non-adversarial controls' sweep (issue 25), label noise 0, seed 0, `test` split: the DPO "
+             "loss and the weighted control term (λ_mmd·MMD² of the batch latents, or α·NLL of the chosen "
+             "responses), each averaged over the 32 training steps; then eval.py's MMD² to the reference (its "
+             "own pairs, bandwidth and estimate), accuracy (276 pairs ± binomial SE) and reward (± SE).", "",
+             "| method | DPO loss | control term | MMD² to ref | pref. acc | "
+             + " | ".join(f"reward T={t}" for t in temps) + " |", "|---|---|---|---|---|" + "---|" * len(temps)]
+    getters = [TEST_FIGURES["mmd2"], TEST_FIGURES["acc"]] + [reward_on_test(t) for t in temps]
+    for r in rows:
+        base, term = penalty(r)
+        lines.append(f"| {r['method']} | {base:.3f} | {term:.3f} | "
+                     + " | ".join(figure(r, g) for g in getters) + " |")
     return lines
 
 
