@@ -1492,9 +1492,11 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_re
     assert cmp.returncode == 0 and "dpo-n0.2-s0: every figure equal" in cmp.stdout, cmp.stdout + cmp.stderr
     changed = json.loads((tmp_path / "check" / "dpo-n0.2-s0.json").read_text())
     changed["eval"]["shift"]["latent/mmd2"] += 1e-6
+    changed["eval"]["test"]["opo/loss"] *= 1.5  # relative difference 1/3: listed first
     (tmp_path / "check" / "dpo-n0.2-s0.json").write_text(json.dumps(changed))
     cmp = run("--compare", str(tmp_path / "check"))
-    assert cmp.returncode == 1 and "1 figures differ" in cmp.stdout and "/eval/shift/latent/mmd2" in cmp.stdout
+    assert cmp.returncode == 1 and "2 figures differ, the largest relative difference 3.3e-01 first" in cmp.stdout
+    assert cmp.stdout.index("/eval/test/opo/loss") < cmp.stdout.index("/eval/shift/latent/mmd2")
     assert "1 of 1 cells" in cmp.stderr
     (tmp_path / "check" / "dpo-n0.2-s0.json").write_text("{ cut short")
     cmp = run("--compare", str(tmp_path / "check"))

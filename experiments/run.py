@@ -201,6 +201,14 @@ def load_records(folder):
     return records
 
 
+def relative(x, y):
+    """|x − y| relative to the larger of the two; inf where either is not a number (a text, a
+    missing figure)."""
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y)):
+        return math.inf
+    return abs(x - y) / max(abs(x), abs(y), 1e-300)
+
+
 def compare(args):
     """Every cell in --compare that --results also holds: are all its figures equal?"""
     mine, theirs = load_records(args.results), load_records(args.compare)
@@ -209,8 +217,9 @@ def compare(args):
         sys.exit(f"error: --compare {args.compare}: no finished cell that {args.results} also holds")
     bad = 0
     for name in names:
-        diffs = differences(mine[name], theirs[name])
-        print(f"{name[:-5]}: " + ("every figure equal" if not diffs else f"{len(diffs)} figures differ"))
+        diffs = sorted(differences(mine[name], theirs[name]), key=lambda d: -relative(d[1], d[2]))
+        print(f"{name[:-5]}: " + ("every figure equal" if not diffs else f"{len(diffs)} figures differ, "
+                                  f"the largest relative difference {relative(*diffs[0][1:]):.1e} first"))
         for path, x, y in diffs[:10]:
             print(f"  {path}: {repr(x)[:80]} vs {repr(y)[:80]}")
         bad += bool(diffs)
