@@ -1550,6 +1550,7 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_re
     rows = (tmp_path / "results.md").read_text().split("controls' sweep")[1]
     dpo_loss, mmd2 = f"{r['metrics'][0]['opo/loss']:.3f}", f"{r['eval']['test']['latent/mmd2']:.3f}"
     assert f"| dpo | {dpo_loss} | 0.000 | {mmd2} | " in rows and f"| dpo-mmd30 | {dpo_loss} | 0.300 | " in rows
+    assert "| pref. acc | reward T=1.0 |\n" in rows  # one reward column per temperature the records hold
     for figure in ("results.png", "game.png", "comparison.png"):  # matplotlib is a requirement: the report always draws
         assert (tmp_path / figure).read_bytes()[:8] == PNG, figure
 

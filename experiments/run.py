@@ -459,11 +459,12 @@ def controls_sweep(done):
     rows = [by_key[(m, 0.0, 0)] for m in ["dpo", *CONTROLS] if (m, 0.0, 0) in by_key]
     if len(rows) < 2:
         return []
-    temps = ("0.7", "1.0", "1.5")
+    temps = sorted({t for r in rows for t in r["eval"]["test"]["generation"]}, key=float)
     lines = ["", "The non-adversarial controls' sweep (issue 25), label noise 0, seed 0, `test` split: the DPO "
              "loss and the weighted control term (λ_mmd·MMD² of the batch latents, or α·NLL of the chosen "
-             "responses), each averaged over the 32 training steps; then eval.py's MMD² to the reference (its "
-             "own pairs, bandwidth and estimate), accuracy (276 pairs ± binomial SE) and reward (± SE).", "",
+             "responses), each averaged over the cell's training steps; then eval.py's MMD² to the reference "
+             "(its own pairs, bandwidth and estimate), train.py's final accuracy (± binomial SE over its pairs) "
+             "and reward (± SE).", "",
              "| method | DPO loss | control term | MMD² to ref | pref. acc | "
              + " | ".join(f"reward T={t}" for t in temps) + " |", "|---|---|---|---|---|" + "---|" * len(temps)]
     getters = [TEST_FIGURES["mmd2"], TEST_FIGURES["acc"]] + [reward_on_test(t) for t in temps]
