@@ -1454,11 +1454,36 @@ def test_bench_reports_times_memory_and_flop_ratios(tmp_path):
 # --------------------------------------------------------------------------- experiments/run.py
 
 @pytest.mark.slow
+def grid_module():
+    spec = importlib.util.spec_from_file_location("grid", os.path.join(HERE, "experiments", "run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_pools_each_methods_difference_from_dpo_over_seeds_with_its_standard_error():
+    def cell(method, seed, acc, reward, reward_se, mmd2, noise=0.0):
+        return {"method": method, "noise": noise, "seed": seed,
+                "final_eval": {"test": {"rewards/accuracies": acc, "pairs": 100}},
+                "eval": {"test": {"latent/mmd2": mmd2,
+                                  "generation": {"1.0": {"reward": reward, "reward_se": reward_se}}}}}
+    done = [cell("dpo", 0, 0.7, 0.8, 0.03, 0.10), cell("dpo", 1, 0.6, 0.7, 0.04, 0.20),
+            cell("ganpo", 0, 0.8, 0.9, 0.03, 0.15), cell("ganpo", 1, 0.8, 0.6, None, 0.10),
+            cell("ganpo-frozen", 0, 0.72, 0.84, 0.02, 0.30), cell("ganpo", 0, 0.9, 0.9, 0.1, 0.1, noise=0.2)]
+    rows = [line for line in grid_module().against_dpo(done) if line.startswith("| ganpo")]
+    # accuracy: Δ 0.1 and 0.2; binomial SEs over 100 pairs of the four cells, the mean's SE halves their root sum
+    se = math.sqrt(0.7 * 0.3 / 100 + 0.8 * 0.2 / 100 + 0.6 * 0.4 / 100 + 0.8 * 0.2 / 100) / 2
+    assert abs(se - 0.0439) < 1e-4 and 0.15 > 2 * se
+    # reward: Δ 0.1 and −0.1, one record without its SE: the mean, no SE, no star
+    assert rows[0] == f"| ganpo − dpo | 0 | 0, 1 | +0.050 / -0.100 | 0.150 ± {se:.3f}* | 0.000 |"
+    se = math.sqrt(0.7 * 0.3 / 100 + 0.72 * 0.28 / 100)  # one seed: Δ 0.02 within its SE, Δ reward 0.04 ± 0.036
+    assert rows[1] == f"| ganpo-frozen − dpo | 0 | 0 | +0.200 | 0.020 ± {se:.3f} | 0.040 ± 0.036 |"
+    assert len(rows) == 2  # no DPO cell at noise 0.2: no row
+
+
 def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_reports_it(tmp_path, monkeypatch):
     """experiments/run.py's main() in this process; each cell's train.py and eval.py are processes."""
-    spec = importlib.util.spec_from_file_location("grid", os.path.join(HERE, "experiments", "run.py"))
-    grid_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(grid_script)
+    grid_script = grid_module()
     grid = ["experiments/run.py", "--methods", "dpo", "--noise", "0.2",
             "--seeds", "0", "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"),
             "--train_flags", "--model tiny --max_steps 1 --batch_size 2 --max_length 48 --max_prompt_length 40",

@@ -61,8 +61,9 @@ METHODS = {"dpo": ["--adv_weight", "0"],
            "ganpo-simpo": ["--loss", "simpo", "--beta", "2.0", "--gamma", "0.5"]}
 # issue 11's comparison: DPO, the authors' settings, frozen discriminators, and the sweep's pick for
 # each loss: four-term (quad) with lr 20x the authors' and 4 discriminator steps per policy step, and
-# two-term (ragan) with lr 20x and 1 step (its discriminators already win at K = 1; see experiments/game.md)
-COMPARISON = ["dpo", "ganpo", "ganpo-frozen", "ganpo-dlr20x-k4", "ganpo-dlr20x-ragan"]
+# two-term (ragan) with lr 20x and 1 step (its discriminators already win at K = 1; see experiments/game.md);
+# issue 24 added the four-term loss at 20x with K = 1, the old grid's one cell better than DPO
+COMPARISON = ["dpo", "ganpo", "ganpo-frozen", "ganpo-dlr20x", "ganpo-dlr20x-k4", "ganpo-dlr20x-ragan"]
 OLD_GRID = "simultaneous-grid"  # the records from before issue 24, in experiments/results/
 # periodic held-out evaluations, so the discriminators' AUC can be followed over training
 PERIODIC = ["--eval_every", "8", "--eval_pairs", "96"]
@@ -316,6 +317,7 @@ def report(args):
     lines += game_table(groups)
     lines += comparison_table(groups)
     lines += per_seed_table(done)
+    lines += against_dpo(done)
     lines += paired(done, t)
     lines += controls_sweep(done)
     lines += old_vs_new(done, load_records(os.path.join(args.results, OLD_GRID)).values())
@@ -418,6 +420,39 @@ def per_seed_table(done):
                                for s in seeds) for get in getters]
             lines.append(f"| {method} | {noise:g} | " + " | ".join(cols) + " |")
     return lines
+
+
+def mean_difference(pairs, get):
+    """Mean over seeds of get(cell) − get(its base's cell), get -> (value, its standard error or None),
+    ± the mean's standard error from sampling (the two cells taken as independent, so it errs wide):
+    'Δ ± se', starred past 2 standard errors; no se where a record lacks one."""
+    got = [(get(b), get(g)) for b, g in pairs]
+    ses = [x[1] for pair in got for x in pair]
+    se = math.sqrt(sum(v ** 2 for v in ses)) / len(got) if None not in ses else None
+    return with_se(statistics.mean(g[0] - b[0] for b, g in got), se, effect=True)
+
+
+def against_dpo(done):
+    """Each comparison method minus DPO on `test`, same seed and noise, averaged over the seeds both
+    ran: accuracy over train.py's final evaluation and reward at each temperature, ± standard errors."""
+    by_key = {key(r): r for r in done}
+    temps = sorted({t for r in done if r["method"] in COMPARISON for t in r["eval"]["test"]["generation"]}, key=float)
+    lines = ["", "Against DPO, seeds pooled: each method minus DPO on the same seed and noise, `test` split, averaged "
+             "over the seeds both ran; ± the standard error of that mean from sampling (the cells taken as "
+             "independent: accuracy binomial over train.py's final evaluation's pairs, reward over eval.py's "
+             "prompts; none where a record lacks it), * where |Δ| > 2 standard errors. Δ MMD²: seed by seed.", "",
+             "| method − dpo | noise | seeds | Δ MMD² to ref | Δ pref. acc | "
+             + " | ".join(f"Δ reward T={t}" for t in temps) + " |", "|---|---|---|---|---|" + "---|" * len(temps)]
+    getters = [TEST_FIGURES["acc"]] + [reward_on_test(t) for t in temps]
+    for noise in (0.0, 0.2):
+        for method in COMPARISON[1:]:
+            seeds = sorted(k[2] for k in by_key if k[:2] == (method, noise) and ("dpo", noise, k[2]) in by_key)
+            pairs = [(by_key[("dpo", noise, s)], by_key[(method, noise, s)]) for s in seeds]
+            mmd2 = " / ".join(f"{on_test(g)['latent/mmd2'] - on_test(b)['latent/mmd2']:+.3f}" for b, g in pairs)
+            if pairs:
+                lines.append(f"| {method} − dpo | {noise:g} | {', '.join(map(str, seeds))} | {mmd2} | "
+                             + " | ".join(mean_difference(pairs, get) for get in getters) + " |")
+    return lines if len(lines) > 5 else []
 
 
 def old_vs_new(done, old):
@@ -592,10 +627,7 @@ def paired(done, t):
                 def gen(key):
                     return lambda e: e["generation"][str(t)][key]
                 def sampled(get, se):  # the mean difference over seeds ± its standard error
-                    diffs = [get(g["eval"][split]) - get(b["eval"][split]) for b, g in pairs]
-                    ses = [se(x["eval"][split]) for b, g in pairs for x in (b, g)]
-                    se_mean = math.sqrt(sum(v ** 2 for v in ses)) / len(pairs) if None not in ses else None
-                    return with_se(statistics.mean(diffs), se_mean, effect=True)
+                    return mean_difference(pairs, lambda r: (get(r["eval"][split]), se(r["eval"][split])))
 
                 cols = [sampled(lambda e: e["rewards/accuracies"], lambda e: acc_se(e, e["pairs"])),
                         sampled(gen("reward"), lambda e: e["generation"][str(t)].get("reward_se")),
