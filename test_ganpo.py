@@ -1453,7 +1453,6 @@ def test_bench_reports_times_memory_and_flop_ratios(tmp_path):
 
 # --------------------------------------------------------------------------- experiments/run.py
 
-@pytest.mark.slow
 def grid_module():
     spec = importlib.util.spec_from_file_location("grid", os.path.join(HERE, "experiments", "run.py"))
     module = importlib.util.module_from_spec(spec)
@@ -1481,6 +1480,7 @@ def test_report_pools_each_methods_difference_from_dpo_over_seeds_with_its_stand
     assert len(rows) == 2  # no DPO cell at noise 0.2: no row
 
 
+@pytest.mark.slow
 def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_reports_it(tmp_path, monkeypatch):
     """experiments/run.py's main() in this process; each cell's train.py and eval.py are processes."""
     grid_script = grid_module()
