@@ -444,15 +444,16 @@ def against_dpo(done):
              "| method − dpo | noise | seeds | Δ MMD² to ref | Δ pref. acc | "
              + " | ".join(f"Δ reward T={t}" for t in temps) + " |", "|---|---|---|---|---|" + "---|" * len(temps)]
     getters = [TEST_FIGURES["acc"]] + [reward_on_test(t) for t in temps]
+    rows = []
     for noise in (0.0, 0.2):
         for method in COMPARISON[1:]:
             seeds = sorted(k[2] for k in by_key if k[:2] == (method, noise) and ("dpo", noise, k[2]) in by_key)
             pairs = [(by_key[("dpo", noise, s)], by_key[(method, noise, s)]) for s in seeds]
-            mmd2 = " / ".join(f"{on_test(g)['latent/mmd2'] - on_test(b)['latent/mmd2']:+.3f}" for b, g in pairs)
             if pairs:
-                lines.append(f"| {method} − dpo | {noise:g} | {', '.join(map(str, seeds))} | {mmd2} | "
-                             + " | ".join(mean_difference(pairs, get) for get in getters) + " |")
-    return lines if len(lines) > 5 else []
+                mmd2 = " / ".join(f"{on_test(g)['latent/mmd2'] - on_test(b)['latent/mmd2']:+.3f}" for b, g in pairs)
+                rows.append(f"| {method} − dpo | {noise:g} | {', '.join(map(str, seeds))} | {mmd2} | "
+                            + " | ".join(mean_difference(pairs, get) for get in getters) + " |")
+    return lines + rows if rows else []
 
 
 def old_vs_new(done, old):
