@@ -1552,6 +1552,7 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_re
     mmd2 = f"{g['eval']['test']['latent/mmd2']:.3f}"
     assert f"| ganpo | 0.2 | - | {mmd2} | " in rows and f" | {final['rewards/accuracies']:.3f} ± {acc_se:.3f} | " in rows
     assert "| ganpo-dlr20x-k4 | 0.2 | ? | ? | ? | ? | ? |\n" in rows
+    assert "| dpo-mmd10 | 0.2 | ? | ? | ? | ? | ? |\n| dpo-rpo1 | 0.2 | ? |" in rows  # issue 25's controls
     assert "| pref. acc | reward T=1.0 |\n" in rows  # one reward column per temperature the records hold
     # a cell rerun since issue 24 beside its record in results/simultaneous-grid/
     (tmp_path / "results" / "simultaneous-grid").mkdir()

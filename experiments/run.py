@@ -62,8 +62,10 @@ METHODS = {"dpo": ["--adv_weight", "0"],
 # issue 11's comparison: DPO, the authors' settings, frozen discriminators, and the sweep's pick for
 # each loss: four-term (quad) with lr 20x the authors' and 4 discriminator steps per policy step, and
 # two-term (ragan) with lr 20x and 1 step (its discriminators already win at K = 1; see experiments/game.md);
-# issue 24 added the four-term loss at 20x with K = 1, the old grid's one cell better than DPO
-COMPARISON = ["dpo", "ganpo", "ganpo-frozen", "ganpo-dlr20x", "ganpo-dlr20x-k4", "ganpo-dlr20x-ragan"]
+# issue 24 added the four-term loss at 20x with K = 1, the old grid's one cell better than DPO; issue 25
+# added the non-adversarial controls at its sweep's picks (λ_mmd = 10, α = 1; experiments/README.md)
+COMPARISON = ["dpo", "ganpo", "ganpo-frozen", "ganpo-dlr20x", "ganpo-dlr20x-k4", "ganpo-dlr20x-ragan",
+              "dpo-mmd10", "dpo-rpo1"]
 OLD_GRID = "simultaneous-grid"  # the records from before issue 24, in experiments/results/
 # periodic held-out evaluations, so the discriminators' AUC can be followed over training
 PERIODIC = ["--eval_every", "8", "--eval_pairs", "96"]
@@ -379,7 +381,8 @@ def comparison_table(groups):
     """The comparison's methods at each noise level: the discriminators' view, drift, accuracy, and
     reward at every temperature, mean ± sd over seeds."""
     temps = sorted({t for rs in groups.values() for r in rs for s in SPLITS for t in r["eval"][s]["generation"]}, key=float)
-    lines = ["", "The comparison (issue 11): " + ", ".join(COMPARISON) + "; eval.py on 100 held-out pairs per split, "
+    lines = ["", "The comparison (issue 11), with issue 25's non-adversarial controls: " + ", ".join(COMPARISON)
+             + "; eval.py on 100 held-out pairs per split, "
              "mean ± sd over seeds.", "",
              "| method | noise | split | n | D AUC ref > policy | MMD² | cosine | probe | pref. acc | "
              + " | ".join(f"reward T={t}" for t in temps) + " |",
@@ -550,7 +553,7 @@ def plot_comparison(done, path):
                    title=f"label noise {noise:g}: the discriminators' view")
         if row[0].get_legend_handles_labels()[0]:
             row[0].legend(fontsize=7)
-        row[1].set_xticks(range(len(COMPARISON)), COMPARISON, rotation=15, fontsize=7)
+        row[1].set_xticks(range(len(COMPARISON)), COMPARISON, rotation=25, fontsize=7)
         row[1].set(ylabel="latent MMD² to the reference", title=f"label noise {noise:g}: drift (dark: test, light: shift; dots: seeds)")
         row[2].set(xlabel="sampling temperature", ylabel="VADER reward", title=f"label noise {noise:g}: reward (solid: test, dashed: shift)")
         row[2].legend(fontsize=7)
