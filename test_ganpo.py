@@ -1480,6 +1480,26 @@ def test_report_pools_each_methods_difference_from_dpo_over_seeds_with_its_stand
     assert len(rows) == 2  # no DPO cell at noise 0.2: no row
 
 
+def test_report_correlates_reward_with_each_distance_from_the_reference_over_the_cells():
+    def cell(method, seed, reward, kl, mmd2, noise=0.0):
+        return {"method": method, "noise": noise, "seed": seed,
+                "eval": {"test": {"latent/mmd2": mmd2, "generation": {"1.0": {"reward": reward, "kl": kl}}}}}
+    done = [cell("dpo", 0, 0.8, 14.0, 0.13), cell("ganpo", 0, 0.9, 16.0, 0.22),
+            cell("dpo-mmd10", 0, 0.6, 7.0, 0.00), cell("dpo-rpo1", 0, 0.7, 7.0, 0.06),
+            cell("dpo-mmd30", 0, 0.1, 1.0, 0.0),  # not in the comparison: left out
+            cell("dpo", 0, 0.8, 14.0, 0.1, noise=0.2), cell("ganpo", 0, 0.9, 16.0, 0.2, noise=0.2)]
+    rows = [line for line in grid_module().what_reward_follows(done) if line.startswith("| 0")]
+    reward, kl, mmd2 = [0.8, 0.9, 0.6, 0.7], [14.0, 16.0, 7.0, 7.0], [0.13, 0.22, 0.0, 0.06]
+
+    def pearson(x, y):  # by hand
+        mx, my = sum(x) / len(x), sum(y) / len(y)
+        sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+        return sxy / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+    assert abs(pearson(reward, kl) - 0.9358) < 1e-4 and abs(pearson(reward, mmd2) - 0.9957) < 1e-4
+    # noise 0.2 has two cells: no row
+    assert rows == [f"| 0 | 4 | 1.0 | {pearson(reward, kl):.2f} | {pearson(reward, mmd2):.2f} |"]
+
+
 @pytest.mark.slow
 def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_reports_it(tmp_path, monkeypatch):
     """experiments/run.py's main() in this process; each cell's train.py and eval.py are processes."""

@@ -237,6 +237,27 @@ def key(r):
     return r["method"], r["noise"], r["seed"]
 
 
+def what_reward_follows(done):
+    """Across the comparison's cells of one noise level (every method and seed), the Pearson
+    correlation of eval.py's reward on `test` with two distances from the reference: the sampled
+    KL of the policy's outputs and the MMD² of its latents, at each temperature."""
+    lines = ["", "What the reward follows (issue 25): across the comparison's cells of one noise level, every "
+             "method and seed, `test` split, the Pearson correlation of eval.py's reward with its sampled KL "
+             "to the reference and with the latent MMD² to the reference.", "",
+             "| noise | cells | T | r(reward, KL) | r(reward, MMD²) |", "|---|---|---|---|---|"]
+    rows = []
+    for noise in (0.0, 0.2):
+        tests = [on_test(r) for r in done if r["method"] in COMPARISON and r["noise"] == noise]
+        for t in sorted({t for e in tests for t in e["generation"]}, key=float):
+            cells = [(e["generation"][t]["reward"], e["generation"][t]["kl"], e["latent/mmd2"])
+                     for e in tests if t in e["generation"]]
+            if len(cells) >= 3:
+                reward, kl, mmd2 = zip(*cells)
+                rows.append(f"| {noise:g} | {len(cells)} | {t} | {statistics.correlation(reward, kl):.2f} | "
+                            f"{statistics.correlation(reward, mmd2):.2f} |")
+    return lines + rows if rows else []
+
+
 def mean_sd(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -322,6 +343,7 @@ def report(args):
     lines += against_dpo(done)
     lines += paired(done, t)
     lines += controls_sweep(done)
+    lines += what_reward_follows(done)
     lines += old_vs_new(done, load_records(os.path.join(args.results, OLD_GRID)).values())
     lines += ["", "| method | cells | median s/step | peak memory GiB | train wall s | eval wall s |", "|---|---|---|---|---|---|"]
     by_method = {}
