@@ -248,7 +248,7 @@ def what_reward_follows(done):
     rows = []
     for noise in (0.0, 0.2):
         tests = [on_test(r) for r in done if r["method"] in COMPARISON and r["noise"] == noise]
-        for t in sorted({t for e in tests for t in e["generation"]}, key=float):
+        for t in temperatures_on_test(tests):
             cells = [(e["generation"][t]["reward"], e["generation"][t]["kl"], e["latent/mmd2"])
                      for e in tests if t in e["generation"]]
             if len(cells) >= 3:
@@ -301,6 +301,12 @@ TEST_FIGURES = {"auc": lambda r: (on_test(r).get("disc/auc_real_fake"), None),
                 "cosine": lambda r: (on_test(r)["latent/cosine"], None),
                 "acc": lambda r: (r["final_eval"]["test"]["rewards/accuracies"],
                                   acc_se(r["final_eval"]["test"], final_pairs(r, "test")))}
+
+
+def temperatures_on_test(tests):
+    """The sampling temperatures any of these `test` evaluations holds, in order (keys as eval.py
+    records them: "0.7", "1.0", "1.5")."""
+    return sorted({t for e in tests for t in e["generation"]}, key=float)
 
 
 def reward_on_test(t):
@@ -428,7 +434,7 @@ def per_seed_table(done):
     order), accuracy and reward ± their standard errors."""
     by_key = {key(r): r for r in done}
     seeds = sorted({r["seed"] for r in done if r["method"] in COMPARISON})
-    temps = sorted({t for r in done if r["method"] in COMPARISON for t in r["eval"]["test"]["generation"]}, key=float)
+    temps = temperatures_on_test(on_test(r) for r in done if r["method"] in COMPARISON)
     lines = ["", "The comparison seed by seed (" + " / ".join(f"seed {s}" for s in seeds) + "), `test` split: D AUC, "
              "MMD², cosine and reward from eval.py (100 pairs; reward: 12 prompts x 2 samples, ± its standard error "
              "over prompts where recorded), preference accuracy from train.py's final evaluation (all 276 pairs, ± its "
@@ -461,7 +467,7 @@ def against_dpo(done):
     """Each comparison method minus DPO on `test`, same seed and noise, averaged over the seeds both
     ran: accuracy over train.py's final evaluation and reward at each temperature, ± standard errors."""
     by_key = {key(r): r for r in done}
-    temps = sorted({t for r in done if r["method"] in COMPARISON for t in r["eval"]["test"]["generation"]}, key=float)
+    temps = temperatures_on_test(on_test(r) for r in done if r["method"] in COMPARISON)
     lines = ["", "Against DPO, seeds pooled: each method minus DPO on the same seed and noise, `test` split, averaged "
              "over the seeds both ran; ± the standard error of that mean from sampling (the cells taken as "
              "independent: accuracy binomial over train.py's final evaluation's pairs, reward over eval.py's "
@@ -520,7 +526,7 @@ def controls_sweep(done):
     rows = [by_key[(m, 0.0, 0)] for m in ["dpo", *CONTROLS] if (m, 0.0, 0) in by_key]
     if len(rows) < 2:
         return []
-    temps = sorted({t for r in rows for t in r["eval"]["test"]["generation"]}, key=float)
+    temps = temperatures_on_test(on_test(r) for r in rows)
     lines = ["", "The non-adversarial controls' sweep (issue 25), label noise 0, seed 0, `test` split: the DPO "
              "loss and the weighted control term (λ_mmd·MMD² of the batch latents, or α·NLL of the chosen "
              "responses), each averaged over the cell's training steps; then eval.py's MMD² to the reference "
