@@ -3,6 +3,7 @@
     python bench.py                                   # SmolLM2-135M, 4 pairs x 256 tokens, fp32 on CPU
     python bench.py --gradient_checkpointing          # the same, recomputing decoder activations
     python bench.py --model tiny --vocab_size 151936 --batch_size 8 --max_length 512 --logits_chunk 0
+    python bench.py --grad_accum 4 --batch_size 8      # 4 micro-batches a step, as train.py's --grad_accum
     python bench.py --json                            # ... and one JSON line of results at the end
     python bench.py --matmul                          # this machine's plain matmul rate, fp32 and bf16 autocast
     python bench.py --disc_attention_dropout 0        # what-if: discriminators without attention dropout
@@ -39,6 +40,7 @@ from loading import fail
 class BenchConfig:
     model: str = option("smollm2", "as train.py: smollm2 | tiny | HF id or folder")
     batch_size: int = option(4, "preference pairs per optimizer step")
+    grad_accum: int = option(1, "micro-batches per optimizer step (divides batch_size), as train.py")
     max_length: int = option(256, "tokens per sequence (a quarter of them prompt)")
     steps: int = option(3, "timed steps per update, after one warm-up step each")
     dtype: str = option("auto", "auto (bf16 autocast on bf16 units, else fp32) | bf16 | fp32")
@@ -99,7 +101,8 @@ def shape_of(config):
             kv_heads * head_dim, config.intermediate_size, config.vocab_size)
 
 
-def step_flops(shape, pairs, T, P, disc_dim, disc_layers, disc_tokens="all", checkpointing=False):
+def step_flops(shape, pairs, T, P, disc_dim, disc_layers, disc_tokens="all", checkpointing=False,
+               grad_accum=1):
     """-> (DPO step, what GANPO adds): matmul FLOPs of one optimizer step, a multiply-add = 2.
 
     A forward costs F per token; a backward 2F (input and weight gradients), 1F where only one of
@@ -109,7 +112,9 @@ def step_flops(shape, pairs, T, P, disc_dim, disc_layers, disc_tokens="all", che
     sequences: 3 forwards (real, fake, contrast for each of D_w and D_l) with their backward for
     the discriminator step (weight gradients and activation gradients, none into the inputs),
     then the generator's forward over the policy latents and its backward into them (no weight
-    gradients): 3 + 3·2 + 1 + 1 = 11, less the input projection's missing input gradient."""
+    gradients): 3 + 3·2 + 1 + 1 = 11, less the input projection's missing input gradient. With
+    grad_accum > 1 GANPO also runs the policy's forward twice (once without gradient before its
+    discriminators step); DPO's step never does."""
     layers, d, q, kv, ffn, vocab = shape
     seqs, n_tokens, completion = 2 * pairs, 2 * pairs * T, 2 * pairs * (T - P)
     decoder = n_tokens * layers * (2 * (2 * d * q + 2 * d * kv + 3 * d * ffn) + 4 * T * q)  # + QKᵀ and AV
@@ -119,7 +124,7 @@ def step_flops(shape, pairs, T, P, disc_dim, disc_layers, disc_tokens="all", che
     per_token = 2 * 4 * disc_dim ** 2 + 2 * 2 * disc_dim * 4 * disc_dim + 4 * t_disc * disc_dim  # attention + MLP
     disc_fwd = seqs * t_disc * (2 * d * disc_dim + disc_layers * per_token)
     proj = seqs * t_disc * 2 * d * disc_dim
-    return dpo, 11 * disc_fwd - 3 * proj
+    return dpo, 11 * disc_fwd - 3 * proj + (decoder + head if grad_accum > 1 else 0)
 
 
 def matmul_rate(device, autocast, n=2048, seconds=0.5, repeats=3):
@@ -182,7 +187,11 @@ def setup(cfg, arms):
     policy.train()
     examples = random_examples(policy.config.vocab_size, cfg.batch_size, cfg.max_length, cfg.seed)
     P = len(examples[0]["prompt"])
-    batch = {k: v.to(device) for k, v in loading.collate(examples, tokenizer.pad_token_id).items()}
+    micro = cfg.batch_size // cfg.grad_accum
+    micro_batches = [{k: v.to(device) for k, v in loading.collate(examples[i:i + micro],
+                                                                 tokenizer.pad_token_id).items()}
+                     for i in range(0, cfg.batch_size, micro)]
+    batch = micro_batches[0]
     policy_opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)  # a real step
     discs, disc_opt = None, None
     if "ganpo" in arms:
@@ -201,7 +210,7 @@ def setup(cfg, arms):
 
     def step(arm):
         gan = arm == "ganpo"
-        ganpo.ganpo_step(policy, ref, discs if gan else None, policy_opt, disc_opt if gan else None, [batch],
+        ganpo.ganpo_step(policy, ref, discs if gan else None, policy_opt, disc_opt if gan else None, micro_batches,
                          loss_cfgs[arm], ema, autocast)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -325,6 +334,8 @@ def main():
         fail(f"--adv_weight {cfg.adv_weight}: the GANPO update needs λ > 0 (the DPO update is always run)")
     if cfg.batch_size < 1 or cfg.max_length < 4 or cfg.steps < 1:
         fail("--batch_size and --steps must be >= 1, --max_length >= 4")
+    if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
+        fail(f"--batch_size {cfg.batch_size} must be a multiple of --grad_accum {cfg.grad_accum}")
     if cfg.vocab_size and cfg.model != "tiny":
         fail("--vocab_size works with --model tiny only")
 
@@ -371,7 +382,7 @@ def main():
 
     secs = {arm: statistics.median(times[arm]) for arm in arms}
     dpo_f, gan_f = step_flops(info["shape"], cfg.batch_size, cfg.max_length, info["prompt_tokens"], cfg.disc_dim,
-                              cfg.disc_layers, cfg.disc_tokens, cfg.gradient_checkpointing)
+                              cfg.disc_layers, cfg.disc_tokens, cfg.gradient_checkpointing, cfg.grad_accum)
     peak_tflops = cfg.peak_tflops or next((v for k, v in GPU_PEAK_TFLOPS.items() if k in info["device"]), 0)
     result = {**asdict(cfg), **info, "seconds": secs, "all_seconds": times, "flops": flops, "peak_bytes": peak,
               "tokens_per_s": {a: info["tokens_per_step"] / secs[a] for a in arms},
@@ -388,12 +399,13 @@ def main():
               "predicted_ratio": {}}
     for name, shape in REFERENCE_MODELS.items():
         d, g = step_flops(shape, cfg.batch_size, cfg.max_length, info["prompt_tokens"], cfg.disc_dim, cfg.disc_layers,
-                          cfg.disc_tokens, cfg.gradient_checkpointing)
+                          cfg.disc_tokens, cfg.gradient_checkpointing, cfg.grad_accum)
         result["predicted_ratio"][name] = 1 + g / d
 
     lora = f", LoRA r={cfg.lora_r}: {info['trainable_params'] / 1e6:.2f}M trained" if cfg.lora_r else ""
     print(f"{cfg.model} ({info['params'] / 1e6:.1f}M params{lora}; discriminators {info['disc_params'] / 1e6:.1f}M) | "
-          f"{cfg.batch_size} pairs x {cfg.max_length} tokens | {info['precision']} | {info['device']} | "
+          f"{cfg.batch_size} pairs x {cfg.max_length} tokens"
+          f"{f' in {cfg.grad_accum} micro-batches' if cfg.grad_accum > 1 else ''} | {info['precision']} | {info['device']} | "
           f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'} | median of {cfg.steps} steps")
     for a in arms:
         mem = f" | peak memory {peak[a] / 2 ** 30:.2f} GiB" if peak else ""

@@ -39,6 +39,13 @@ def option(default, help):
     return field(default=default, metadata={"help": help})  # train.py turns each into a --flag
 
 
+# the values each string field takes (GANPOConfig checks them)
+CHOICES = {"loss": ("dpo", "simpo", "ipo"), "disc_tokens": ("all", "response"),
+           "disc_loss": ("quad", "ragan"), "disc_init": ("xavier", "torch"),
+           "update": ("alternating", "simultaneous"), "latent_reg": ("none", "mmd"),
+           "disc_sn": ("torch", "legacy")}
+
+
 @dataclass
 class GANPOConfig:
     """The knobs of the objective and of the discriminators (train.py's Config extends it)."""
@@ -63,6 +70,32 @@ class GANPOConfig:
     latent_weight: float = option(1.0, "λ_mmd of --latent_reg mmd")
     rpo_alpha: float = option(0.0, "α of RPO: + α · NLL(y_w|x) per token (0 = off; TRL: ~1.0)")
     logits_chunk: int = option(1024, "completion tokens per LM-head chunk (bounds float32 logits)")
+    disc_sn: str = option("torch", "spectral norm: torch (a parametrization, 15 warm-up power "
+                          "iterations) | legacy (the authors' hook: random start, no warm-up)")
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self):
+        """Every field is checked where it is defined: a bad one raises ValueError naming it, for
+        a config built in Python as for train.py's flags (which prints it with -- before it)."""
+        checks = [(name, getattr(self, name) in allowed,
+                   f"expected {', '.join(allowed[:-1])} or {allowed[-1]}")
+                  for name, allowed in CHOICES.items()]
+        checks += [("beta", self.beta > 0, "expected > 0"),
+                   ("label_smoothing", 0 <= self.label_smoothing <= 0.5, "expected [0, 0.5]"),
+                   ("disc_steps", self.disc_steps >= 1, "expected at least 1"),
+                   ("disc_heads", self.disc_heads >= 1 and self.disc_dim % self.disc_heads == 0,
+                    f"expected a divisor of disc_dim {self.disc_dim}"),
+                   ("disc_layers", self.disc_layers >= 1, "expected at least 1"),
+                   ("disc_dropout", 0 <= self.disc_dropout < 1, "expected a fraction in [0, 1)"),
+                   ("ema_decay", 0 <= self.ema_decay <= 1, "expected [0, 1]"),
+                   ("logits_chunk", self.logits_chunk >= 1, "expected at least 1")]
+        checks += [(name, getattr(self, name) >= 0, "expected >= 0") for name in
+                   ("adv_weight", "disc_max_grad_norm", "latent_weight", "rpo_alpha")]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name} {getattr(self, name)}: {expected}")
 
 
 def make_reference(policy):
@@ -172,10 +205,18 @@ def chosen_nll(policy_logps, n_tokens):
     return -policy_logps[:B].sum() / n_tokens[:B].sum()
 
 
-def preference_metrics(policy_logps, ref_logps, n_tokens, beta, losses):
-    """The TRL-named dashboard from [chosen; rejected] (2B,) summed log-probs."""
+def preference_metrics(cfg, policy_logps, ref_logps, n_tokens, losses):
+    """The TRL-named dashboard from [chosen; rejected] (2B,) summed log-probs. The rewards are what
+    the base loss compares, as TRL logs them: DPO β·(log π_θ − log π_ref) of sums, IPO the same of
+    length-averaged log-probs, SimPO β·(length-averaged log π_θ) with no reference and no γ.
+    accuracies and margins follow the rewards; logps/* are sums under every loss."""
     B = policy_logps.shape[0] // 2
-    rewards = beta * (policy_logps - ref_logps).float()
+    if cfg.loss == "dpo":
+        rewards = cfg.beta * (policy_logps - ref_logps).float()
+    elif cfg.loss == "ipo":
+        rewards = cfg.beta * (policy_logps / n_tokens - ref_logps / n_tokens).float()
+    else:  # simpo
+        rewards = cfg.beta * (policy_logps / n_tokens).float()
     r_w, r_l = rewards[:B], rewards[B:]
     return {"opo/loss": losses.mean(), "rewards/chosen": r_w.mean(),
             "rewards/rejected": r_l.mean(), "rewards/accuracies": (r_w > r_l).float().mean(),
@@ -201,12 +242,15 @@ def xavier_(module):
             nn.init.zeros_(p)
 
 
-def sn_linear(d_in, d_out, init):
-    """A spectral-normalised Linear; init "xavier" sets its weights before σ is first estimated."""
+def sn_linear(d_in, d_out, init, sn="torch"):
+    """A spectral-normalised Linear; init "xavier" sets its weights before σ is first estimated.
+    Each train-mode call runs one power iteration of σ's estimate. sn "torch" starts it with 15
+    iterations; "legacy" (the authors' torch.nn.utils.spectral_norm) from random vectors, so its
+    first estimates are low (~0.7 of σ for a 576 -> 512 layer) and the layer acts larger."""
     layer = nn.Linear(d_in, d_out)
     if init == "xavier":
         xavier_(layer)
-    return spectral_norm(layer)
+    return spectral_norm(layer) if sn == "torch" else nn.utils.spectral_norm(layer)
 
 
 class Discriminator(nn.Module):
@@ -217,9 +261,9 @@ class Discriminator(nn.Module):
     padding too, so a row's score there depends on the longest row of its batch)."""
 
     def __init__(self, d_model, d_disc=512, n_layers=2, n_heads=8, dropout=0.1, max_len=2048,
-                 init="xavier"):
+                 init="xavier", sn="torch"):
         super().__init__()
-        self.proj = sn_linear(d_model, d_disc, init)
+        self.proj = sn_linear(d_model, d_disc, init, sn)
         self.pos = nn.Parameter(torch.randn(max_len, d_disc) * 0.02)
         layer = nn.TransformerEncoderLayer(d_disc, n_heads, 4 * d_disc, dropout, batch_first=True,
                                            activation="gelu", norm_first=True)
@@ -227,8 +271,8 @@ class Discriminator(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         if init == "xavier":  # (torch's: the layers start as copies of one another)
             xavier_(self.encoder)
-        self.head = nn.Sequential(sn_linear(d_disc, d_disc, init), nn.GELU(),
-                                  sn_linear(d_disc, 1, init))
+        self.head = nn.Sequential(sn_linear(d_disc, d_disc, init, sn), nn.GELU(),
+                                  sn_linear(d_disc, 1, init, sn))
 
     def forward(self, hidden, mask):
         T = min(hidden.shape[1], self.pos.shape[0])  # longer inputs are cropped
@@ -242,7 +286,7 @@ def build_discriminators(d_model, cfg):
     """D_w and D_l, one per response polarity."""
     return nn.ModuleDict({side: Discriminator(d_model, cfg.disc_dim, cfg.disc_layers,
                                               cfg.disc_heads, cfg.disc_dropout,
-                                              init=cfg.disc_init)
+                                              init=cfg.disc_init, sn=cfg.disc_sn)
                           for side in ("chosen", "rejected")})
 
 
@@ -347,9 +391,12 @@ def discriminator_backward(discs, real, fake, mask, cfg, ema, n_micro, autocast,
     metrics = {}
     for side in ("chosen", "rejected"):
         with autocast(), torch.set_grad_enabled(learn):
-            logits = score(discs, side, real, fake, mask)
+            logits = score(discs, side, real, fake, mask, ("real", "fake"))
+        with autocast(), torch.set_grad_enabled(learn and cfg.disc_loss == "quad"):  # ragan: logged
+            logits.update(score(discs, side, real, fake, mask, ("contrast",)))
         update_ema(ema, logits, cfg.ema_decay)
-        (a, f, n), (m_a, m_f, m_n) = logits.values(), [ema[k] for k in logits]
+        a, f, n = (logits[f"{side}/{role}"] for role in ("real", "fake", "contrast"))
+        m_a, m_f, m_n = (ema[f"{side}/{role}"] for role in ("real", "fake", "contrast"))
         d_loss = (quad_disc_loss(a, f, n, m_a, m_f, m_n) if cfg.disc_loss == "quad"
                   else pair_loss(a, f, m_a, m_f))
         if learn:  # one discriminator's activations alive at a time
@@ -404,6 +451,8 @@ def policy_backward(out, batch, discs, cfg, ema, n_micro, autocast):
         g_loss = adversarial_loss(discs, real, fake, mask, cfg, ema, autocast)
         loss = loss + cfg.adv_weight * g_loss
         metrics.update({"gen/loss": g_loss.detach(), **{f"ema/{k}": v for k, v in ema.items()}})
+    if cfg.latent_reg == "mmd" and len(losses) < 2:
+        raise ValueError("latent_reg mmd compares the pairs of a micro-batch: it needs at least 2")
     with torch.set_grad_enabled(cfg.latent_reg == "mmd"):  # else a free diagnostic, every run
         mmd = latent_mmd(real, fake, mask) if len(losses) > 1 else torch.zeros(())
     nll = chosen_nll(policy_logps, n_tokens)
@@ -413,7 +462,7 @@ def policy_backward(out, batch, discs, cfg, ema, n_micro, autocast):
         loss = loss + cfg.rpo_alpha * nll
     metrics.update({"latent/mmd": mmd.detach(), "nll/chosen": nll.detach()})
     (loss / n_micro).backward()
-    metrics.update(preference_metrics(policy_logps.detach(), ref_logps, n_tokens, cfg.beta,
+    metrics.update(preference_metrics(cfg, policy_logps.detach(), ref_logps, n_tokens,
                                       losses.detach()))
     return {**metrics, "loss": loss.detach(), "tokens": batch["attention_mask"].sum()}
 
@@ -423,15 +472,15 @@ def step_discriminators(discs, disc_opt, latents, cfg, ema, autocast):
     accumulated from `latents` (each micro-batch's real, detached fake, mask); each further one
     scores them again (fresh dropout; m̄ moves on too). More than one, because Adam moves a weight
     by about lr per update at most (GAN practice: n_critic updates, or TTUR's larger rate)."""
+    norms = []
     for update in range(cfg.disc_steps):
         for real, fake, mask in (latents if update > 0 else []):
             discriminator_backward(discs, real, fake, mask, cfg, ema, len(latents), autocast)
         scaleout.average_gradients(discs)  # torchrun: every rank's copy takes the same step
-        norm = scaleout.clip_grad_norm(discs.parameters(), cfg.disc_max_grad_norm)
-        first = norm if update == 0 else first
+        norms.append(scaleout.clip_grad_norm(discs.parameters(), cfg.disc_max_grad_norm))
         disc_opt.step()
         disc_opt.zero_grad(set_to_none=True)
-    return first
+    return norms[0]
 
 
 def ganpo_step(policy, ref, discs, policy_opt, disc_opt, micro_batches, cfg, ema, autocast,
@@ -446,10 +495,13 @@ def ganpo_step(policy, ref, discs, policy_opt, disc_opt, micro_batches, cfg, ema
     undo what accumulation is for, so with k > 1 the forward in 1 runs without gradient and 3 runs
     it again: one more forward per micro-batch; only the step's last-layer latents are kept.
     "simultaneous", an ablation (our order before): 3 happens inside 1, so both players' gradients
-    come from the same D_t, before its step. Backwards are divided by k: the gradients are means
-    over the step (for OPO exactly as one big batch; m̄, updated per micro-batch, is not)."""
-    k, alternating = len(micro_batches), cfg.update == "alternating"
-    learn = discs is not None and disc_opt is not None
+    come from the same D_t, before its step. With no discriminator that steps (none at λ = 0, or
+    frozen ones) the two orders are one computation, and the one-pass order runs: one forward per
+    micro-batch. Backwards are divided by k: the gradients are means over the step (for OPO
+    exactly as one big batch; m̄, updated per micro-batch, is not)."""
+    cfg.check()  # again: a field may have been changed since the config was built
+    k, learn = len(micro_batches), discs is not None and disc_opt is not None
+    alternating = cfg.update == "alternating" and learn
     keep_graph = k == 1 or not alternating
     seen, per_micro = [], []
     for i, batch in enumerate(micro_batches):  # 1 (simultaneous: and 3)
@@ -464,7 +516,7 @@ def ganpo_step(policy, ref, discs, policy_opt, disc_opt, micro_batches, cfg, ema
         if not alternating:
             scaleout.sync_gradients(policy, i == k - 1)  # torchrun: reduce gradients once a step
             m.update(policy_backward(out, batch, discs, cfg, ema, k, autocast))
-        seen.append((batch, out if keep_graph else {"ref": out["ref"]}, latents))
+        seen.append((batch, out if alternating and keep_graph else {"ref": out["ref"]}, latents))
         per_micro.append(m)
     if learn:  # 2
         d_norm = step_discriminators(discs, disc_opt, [s[2] for s in seen], cfg, ema, autocast)
@@ -542,7 +594,7 @@ def evaluate(policy, ref, batches, cfg, autocast, latents=False, ref_cache=None,
             continue
         losses = opo_loss(cfg, policy_logps, ref_logps, n_tokens)
         B = losses.shape[0]
-        for key, v in preference_metrics(policy_logps, ref_logps, n_tokens, cfg.beta,
+        for key, v in preference_metrics(cfg, policy_logps, ref_logps, n_tokens,
                                          losses).items():
             sums[key] = sums.get(key, 0.0) + float(v) * B
         n += B

@@ -179,6 +179,24 @@ def test_ipo_loss_matches_hand_computed_value():
     assert loss.item() == pytest.approx(18.49, rel=1e-6)
 
 
+@pytest.mark.parametrize("loss, beta, r_w, r_l", [
+    ("dpo", 0.1, [0.1, -0.2], [-0.2, 0.3]),  # β·(sum log π_θ − sum log π_ref)
+    ("simpo", 2.0, [-4.0, -4.0], [-10.0, -6.0]),  # β·(sum log π_θ / |y|), no reference
+    ("ipo", 0.1, [0.02, -0.2 / 15], [-0.05, 0.075])])  # β·(log π_θ − log π_ref), both per token
+def test_logged_rewards_accuracy_and_margin_are_those_of_the_base_loss(loss, beta, r_w, r_l):
+    # pairs [chosen; rejected]: summed log-probs, the reference's, response lengths
+    policy = torch.tensor([-10.0, -30.0, -20.0, -12.0])
+    ref = torch.tensor([-11.0, -28.0, -18.0, -15.0])
+    n_tokens = torch.tensor([5, 15, 4, 4])
+    m = ganpo.preference_metrics(ganpo.GANPOConfig(loss=loss, beta=beta), policy, ref, n_tokens, torch.zeros(2))
+    assert m["rewards/chosen"].item() == pytest.approx(sum(r_w) / 2, abs=1e-6)
+    assert m["rewards/rejected"].item() == pytest.approx(sum(r_l) / 2, abs=1e-6)
+    assert m["rewards/margins"].item() == pytest.approx((r_w[0] - r_l[0] + r_w[1] - r_l[1]) / 2, abs=1e-6)
+    # the second pair: DPO and IPO rank it wrong, SimPO (−2 > −3 per token) right
+    assert m["rewards/accuracies"].item() == (1.0 if loss == "simpo" else 0.5)
+    assert m["logps/chosen"].item() == -20.0  # sums under every loss
+
+
 # ------------------------ ganpo.py: the discriminator, the adversarial losses and running means
 
 def bce(z, t):  # −[t·log σ(z) + (1−t)·log(1−σ(z))], by hand
@@ -263,6 +281,36 @@ def test_discriminator_loss_splits_into_its_two_pairs_with_their_accuracies_by_h
                                     learn=False)
     assert m["disc/chosen/loss"].item() == pytest.approx((rf + ct) / 2, rel=1e-6)
     assert discs["chosen"].w.grad is None and not discs.training
+
+
+class RecordingScore(FeatureScore):
+    """FeatureScore that records, per call, whether its logits keep a gradient graph."""
+
+    def __init__(self, w):
+        super().__init__(w)
+        self.graphs = []
+
+    def forward(self, hidden, mask):
+        out = super().forward(hidden, mask)
+        self.graphs.append(out.requires_grad)
+        return out
+
+
+@pytest.mark.parametrize("disc_loss, graphs", [("quad", [True, True, True]), ("ragan", [True, True, False])])
+def test_a_role_no_loss_uses_is_scored_without_a_graph_and_the_losses_read_roles_by_name(disc_loss, graphs,
+                                                                                      monkeypatch):
+    real = {"chosen": latents([2.0, 0.0]), "rejected": latents([-1.0, 0.5])}
+    fake = {"chosen": latents([1.0, 1.0]), "rejected": latents([0.0, 3.0])}
+    mask = {k: torch.ones(2, 2, dtype=torch.bool) for k in ("chosen", "rejected")}
+    cfg, results = ganpo.GANPOConfig(disc_loss=disc_loss), []
+    for order in (lambda d: d, lambda d: dict(reversed(list(d.items())))):  # score's dict in either order
+        discs = torch.nn.ModuleDict({"chosen": RecordingScore(1.0), "rejected": RecordingScore(-1.0)})
+        score = ganpo.score
+        monkeypatch.setattr(ganpo, "score", lambda *a, **kw: order(score(*a, **kw)))
+        results.append(ganpo.discriminator_backward(discs, real, fake, mask, cfg, {}, 1, nullcontext))
+        monkeypatch.setattr(ganpo, "score", score)
+        assert discs["chosen"].graphs == graphs and discs["rejected"].graphs == graphs  # real, fake, contrast
+    assert results[0] == results[1] and results[0]["disc/chosen/contrast_loss"] > 0  # the contrast pair, logged
 
 
 def test_running_means_start_at_first_value_then_decay():
@@ -494,14 +542,16 @@ def test_simultaneous_update_the_policy_meets_the_discriminators_before_their_st
 
 
 
-def test_frozen_discriminators_play_the_same_game_in_either_order(tokenizer):
+@pytest.mark.parametrize("k", [1, 2])
+def test_frozen_discriminators_play_the_same_game_in_either_order(tokenizer, k):
     """With nothing to step, alternating and simultaneous are one computation (so the grid runs no
-    frozen -sim cell)."""
-    batch = batch_of(tokenizer, make_rows(4))
+    frozen -sim cell), also over micro-batches, where m̄ moves between them."""
+    rows = make_rows(4)
+    micro = [batch_of(tokenizer, rows[i:i + 4 // k]) for i in range(0, 4, 4 // k)]
     runs = []
     for update in ("alternating", "simultaneous"):
         policy, ref, discs, popt, _ = setup_models(tokenizer)
-        m = ganpo.ganpo_step(policy, ref, discs, popt, None, [batch], ganpo.GANPOConfig(update=update), {}, nullcontext)
+        m = ganpo.ganpo_step(policy, ref, discs, popt, None, micro, ganpo.GANPOConfig(update=update), {}, nullcontext)
         runs.append((m, [p.detach().clone() for p in policy.parameters()]))
     assert runs[0][0] == runs[1][0] and runs[0][0]["gen/loss"] > 0
     assert all(torch.equal(p, q) for p, q in zip(runs[0][1], runs[1][1]))
@@ -523,6 +573,25 @@ def test_xavier_init_draws_weights_within_the_glorot_bound_zero_biases_and_unit_
     t = ganpo.Discriminator(48, 64, n_heads=4, init="torch")
     assert float(t.proj.parametrizations.weight.original.abs().max()) <= 1 / math.sqrt(48)  # torch's bound
     assert torch.equal(t.encoder.layers[0].linear1.weight, t.encoder.layers[1].linear1.weight)  # copies
+
+
+def sigma_estimate(layer, d_in):
+    """σ's estimate after one more train-mode call (one power iteration), as a share of the true σ."""
+    layer.train()(torch.zeros(1, d_in))
+    return 1 / float(torch.linalg.matrix_norm(layer.eval().weight.detach(), 2))  # W / σ_est, read in eval mode
+
+
+def test_the_legacy_spectral_norm_starts_from_a_low_estimate_of_sigma_and_ours_near_it():
+    """--disc_sn legacy (the authors' hook): random u, v and no warm-up, so the first estimate of σ is
+    low and the layer acts larger than 1-Lipschitz; ours starts after 15 power iterations."""
+    firsts = {}
+    for sn in ("torch", "legacy"):
+        torch.manual_seed(0)
+        d = ganpo.Discriminator(96, 128, n_heads=4, sn=sn)
+        firsts[sn] = sigma_estimate(d.proj, 96)
+        later = [sigma_estimate(d.proj, 96) for _ in range(30)][-1]
+        assert later > 0.97 and later >= firsts[sn]
+    assert firsts["torch"] > 0.95 and firsts["legacy"] < 0.8
 
 
 @pytest.mark.parametrize("clip", [0.0, 1e-3])
@@ -597,6 +666,72 @@ def test_gradient_accumulation_over_two_half_batches_matches_one_full_batch(toke
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
     assert m_full["loss"] == pytest.approx(m_half["loss"], rel=1e-5)
     assert m_full["policy/grad_norm"] == pytest.approx(m_half["policy/grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("players, k, forwards", [("dpo", 2, 1), ("frozen", 2, 1), ("learning", 1, 1),
+                                                  ("learning", 2, 2)])
+def test_the_policy_runs_a_second_forward_only_when_a_discriminator_steps_between_its_micro_batches(
+        tokenizer, players, k, forwards):
+    """Phase 1's forward serves phase 3 unless the discriminators step in between with k > 1."""
+    policy, ref, discs, popt, dopt = setup_models(tokenizer, adv_weight=0 if players == "dpo" else 1)
+    calls = {"policy": 0, "ref": 0}
+    for name, model in (("policy", policy), ("ref", ref)):  # after make_reference: hooks are not copied
+        model.get_decoder().register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
+    rows = make_rows(4)
+    micro = [batch_of(tokenizer, rows[i:i + 4 // k]) for i in range(0, 4, 4 // k)]
+    cfg = ganpo.GANPOConfig(adv_weight=0 if players == "dpo" else 1)
+    ganpo.ganpo_step(policy, ref, discs, popt, dopt if players == "learning" else None, micro, cfg, {}, nullcontext)
+    assert calls == {"policy": forwards * k, "ref": k}
+
+
+def trajectory(tokenizer, micro_pairs, cfg, hold=(), steps=6):
+    """`steps` optimizer steps of 8 new pairs each, as micro-batches of `micro_pairs` pairs -> (each step's
+    metrics, the policy's weights at the end). AdamW for both players. hold: what to keep the same however
+    the pairs are split: "running means" (every m̄ stays 0) and "power iteration" (σ's estimate stays at its
+    start; each train-mode call of a discriminator runs one iteration, so 8 micro-batches run 8 times as many)."""
+    torch.manual_seed(0)
+    policy = tiny_policy(tokenizer)
+    ref = ganpo.make_reference(policy)
+    discs = ganpo.build_discriminators(policy.config.hidden_size, cfg) if cfg.adv_weight else None
+    for module in (discs.modules() if "power iteration" in hold else ()):
+        if hasattr(module, "n_power_iterations"):
+            module.n_power_iterations = 0
+    popt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    dopt = torch.optim.AdamW(discs.parameters(), lr=1e-3) if discs is not None else None
+    rows, ema, metrics = make_rows(8 * steps), {}, []
+    held = mock.patch.object(ganpo, "update_ema", lambda ema, logits, decay: ema.update(
+        {key: torch.tensor(0.0) for key in logits})) if "running means" in hold else nullcontext()
+    with held:
+        for s in range(steps):
+            pairs = rows[8 * s:8 * s + 8]
+            micro = [batch_of(tokenizer, pairs[i:i + micro_pairs]) for i in range(0, 8, micro_pairs)]
+            metrics.append(ganpo.ganpo_step(policy, ref, discs, popt, dopt, micro, cfg, ema, nullcontext))
+    return metrics, [p.detach().clone() for p in policy.parameters()]
+
+
+def trajectory_gap(tokenizer, cfg, hold=()):
+    """1 x 8 pairs against 8 x 1 pair a step -> the largest differences: per-step loss, margin; final weights."""
+    (ma, wa), (mb, wb) = trajectory(tokenizer, 8, cfg, hold), trajectory(tokenizer, 1, cfg, hold)
+    return (max(abs(x["loss"] - y["loss"]) for x, y in zip(ma, mb)),
+            max(abs(x["rewards/margins"] - y["rewards/margins"]) for x, y in zip(ma, mb)),
+            max(float((p - q).abs().max()) for p, q in zip(wa, wb)))
+
+
+def test_dpo_follows_the_same_trajectory_whether_a_step_is_one_batch_of_8_or_8_micro_batches_of_1(tokenizer):
+    loss, margin, weights = trajectory_gap(tokenizer, ganpo.GANPOConfig(adv_weight=0))
+    assert loss < 1e-6 and margin < 1e-6 and weights < 1e-5  # measured: 1.2e-07, 2.1e-07, 6.5e-07
+
+
+def test_ganpo_is_not_accumulation_invariant_and_its_running_means_and_power_iterations_are_why(tokenizer):
+    """m̄ moves once per micro-batch, so 8 micro-batches average other logits than one batch does; and each
+    train-mode discriminator call runs a power iteration. Dropout off, so its masks are not a third cause."""
+    cfg = ganpo.GANPOConfig(disc_dim=32, disc_heads=2, disc_dropout=0.0)
+    free = trajectory_gap(tokenizer, cfg)
+    means_held = trajectory_gap(tokenizer, cfg, hold=("running means",))
+    both_held = trajectory_gap(tokenizer, cfg, hold=("running means", "power iteration"))
+    assert free[0] > 1e-2 and free[2] > 1e-3  # measured: loss 4.4e-02, weights 1.0e-02
+    assert 1e-3 < means_held[0] < free[0] / 5  # measured: 3.5e-03, most of the gap was the running means
+    assert both_held[0] < 1e-6 and both_held[1] < 1e-6 and both_held[2] < 1e-5  # measured: 1.2e-07, 2.1e-07, 9.3e-07
 
 
 # ------------------------------------------------------------------ ganpo.py: watching the game
@@ -953,6 +1088,7 @@ def test_train_records_what_dtype_auto_picked_so_a_resume_keeps_it(tmp_path, dat
 
 NEW_FLAGS = {"authors": [], "frozen": ["--disc_lr", "0"], "lora": ["--lora_r", "4", "--lora_alpha", "8"],
              "bf16-checkpointing": ["--dtype", "bf16", "--gradient_checkpointing"],
+             "legacy-sn": ["--disc_sn", "legacy"],
              "fast-ragan-k2-response": ["--disc_lr", "3e-3", "--disc_steps", "2", "--disc_loss", "ragan",
                                         "--disc_tokens", "response"]}
 
@@ -1138,13 +1274,79 @@ def test_a_checkpoint_holding_more_than_tensors_is_refused_with_one_line_and_lef
         loading.load_checkpoint(str(out / "checkpoint.pt"))
 
 
+@pytest.mark.parametrize("field, value, message", [("disc_steps", 0, "disc_steps 0: expected at least 1"),
+                                                   ("loss", "kto", "loss kto: expected dpo, simpo or ipo"),
+                                                   ("ema_decay", 1.5, "ema_decay 1.5: expected [0, 1]"),
+                                                   ("disc_heads", 3, "disc_heads 3: expected a divisor of disc_dim 32"),
+                                                   ("beta", 0.0, "beta 0.0: expected > 0")])
+def test_a_bad_method_setting_raises_one_value_error_naming_it_when_built_or_changed_before_a_step(
+        tokenizer, field, value, message):
+    with pytest.raises(ValueError) as built:
+        ganpo.GANPOConfig(**{**SMALL_D.__dict__, field: value})
+    assert str(built.value) == message
+    cfg = ganpo.GANPOConfig(**SMALL_D.__dict__)
+    setattr(cfg, field, value)  # a reader's edit after the config was built
+    policy, ref, discs, popt, dopt = setup_models(tokenizer)
+    with pytest.raises(ValueError) as stepped:
+        ganpo.ganpo_step(policy, ref, discs, popt, dopt, [batch_of(tokenizer, make_rows(2))], cfg, {}, nullcontext)
+    assert str(stepped.value) == message
+
+
+def test_the_latent_mmd_control_on_a_micro_batch_of_one_pair_raises_instead_of_adding_zero(tokenizer):
+    policy, ref, _, popt, _ = setup_models(tokenizer, adv_weight=0)
+    with pytest.raises(ValueError, match="latent_reg mmd compares the pairs of a micro-batch: it needs at least 2"):
+        ganpo.ganpo_step(policy, ref, None, popt, None, [batch_of(tokenizer, make_rows(1))],
+                         ganpo.GANPOConfig(adv_weight=0, latent_reg="mmd"), {}, nullcontext)
+
+
 @pytest.mark.parametrize("flags, message", [(["--disc_loss", "wgan"], "--disc_loss wgan: expected quad or ragan"),
                                             (["--disc_steps", "0"], "--disc_steps 0: expected at least 1"),
+                                            (["--ema_decay", "2"], "--ema_decay 2.0: expected [0, 1]"),
                                             (["--disc_lr", "-1"], "--disc_lr and --disc_lr_ratio must be >= 0 (0 = frozen discriminators)")])
 def test_bad_discriminator_flags_get_one_clear_line(tmp_path, monkeypatch, capsys, data_file, flags, message):
     code, err = run_main(monkeypatch, capsys, [*TINY_FLAGS, *flags, "--data", data_file, "--output_dir", str(tmp_path / "o")])
     assert code == 2 and err == f"error: {message}"
     assert not (tmp_path / "o").exists()
+
+
+DISC_FLAGS = {"disc_dim": "64", "disc_layers": "1", "disc_heads": "4", "disc_dropout": "0.0", "disc_loss": "ragan",
+              "disc_steps": "2", "disc_init": "torch", "disc_sn": "legacy", "disc_max_grad_norm": "1.0",
+              "update": "simultaneous", "ema_decay": "0.5", "disc_lr": "0.001", "disc_tokens": "response"}
+
+
+@pytest.mark.parametrize("flags, silent", [
+    (["--gamma", "1"], ["gamma"]),
+    (["--loss", "simpo", "--label_smoothing", "0.1"], ["label_smoothing"]),
+    (["--loss", "ipo", "--label_smoothing", "0.1", "--gamma", "1"], ["gamma", "label_smoothing"]),
+    (["--latent_weight", "3"], ["latent_weight"]),
+    (["--adv_weight", "0", *[x for k, v in DISC_FLAGS.items() for x in (f"--{k}", v)]], list(DISC_FLAGS)),
+    (["--adv_weight", "0", "--disc_lr_ratio", "2", "--latent_reg", "mmd", "--disc_tokens", "response"],
+     ["disc_lr_ratio"]),  # under the MMD control --disc_tokens picks the tokens it compares
+    (["--disc_lr", "0", "--disc_steps", "2", "--disc_dropout", "0", "--disc_max_grad_norm", "1", "--update",
+      "simultaneous", "--ema_decay", "0.5"], ["disc_steps", "disc_dropout", "disc_max_grad_norm", "update"]),
+    (["--disc_lr", "1e-3", "--disc_lr_ratio", "2"], ["disc_lr_ratio"]),
+    (["--lora_alpha", "8", "--lora_dropout", "0", "--lora_targets", "q_proj"], ["lora_alpha", "lora_dropout",
+                                                                               "lora_targets"]),
+    (["--eval_every", "0", "--eval_pairs", "10"], ["eval_pairs"]),
+    (["--data", "pairs.jsonl", "--train_split", "all", "--eval_split", "dev", "--final_eval_splits", "shift"],
+     ["eval_split", "final_eval_splits", "train_split"]),
+    (["--loss", "simpo", "--gamma", "1", "--label_smoothing", "0.1", "--latent_reg", "mmd", "--latent_weight", "3",
+      "--disc_lr", "0", "--ema_decay", "0.5", "--lora_r", "4", "--lora_alpha", "8"], ["label_smoothing"])])
+def test_every_setting_that_has_no_effect_under_the_others_gets_a_warning_line(monkeypatch, flags, silent):
+    monkeypatch.setattr(sys, "argv", ["train.py", *TINY_FLAGS, *flags])
+    lines = train.settings_without_effect(train.parse_config())
+    assert sorted(line.split()[0] for line in lines) == sorted(f"--{name}" for name in silent)
+    assert all(" has no effect: " in line for line in lines)
+
+
+def test_a_run_prints_each_warning_once_and_keeps_them_in_run_config_json(tmp_path, data_file, trained_run):
+    code, printed = train_here([*TINY_FLAGS, "--data", data_file, "--max_steps", "0", "--gamma", "2",
+                                "--output_dir", str(tmp_path / "run")])
+    line = "--gamma 2.0 has no effect: only --loss simpo uses it (--loss dpo)"
+    assert code == 0 and printed.count("warning:") == 1 and printed.count(f"warning: {line}\n") == 1
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["warnings"] == [line]
+    out, stdout = trained_run  # a run whose flags all matter: no warning line, none recorded
+    assert "warning:" not in stdout and json.loads((out / "run_config.json").read_text())["warnings"] == []
 
 
 def test_lora_without_peft_gets_one_line_saying_what_to_install(tmp_path, monkeypatch, capsys, data_file):
@@ -1161,6 +1363,62 @@ def test_batch_size_that_does_not_split_over_processes_gets_one_line_before_anyt
                                                "--grad_accum", "2", "--output_dir", str(tmp_path / "run")])
     assert code == 2 and err == "error: --batch_size 6 must be a multiple of 2 processes x --grad_accum 2"
     assert not (tmp_path / "run").exists()
+
+
+HUB_MODEL = "ganpo-tests/tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def hub_home(tmp_path_factory, tokenizer):
+    """An HF_HOME whose hub cache holds a tiny model as a download leaves it:
+    hub/models--ORG--NAME/snapshots/<commit>/ (the files) and refs/main (the commit)."""
+    home = tmp_path_factory.mktemp("hf_home")
+    repo, commit = home / "hub" / f"models--{HUB_MODEL.replace('/', '--')}", "0" * 39 + "1"
+    tiny_policy(tokenizer).save_pretrained(repo / "snapshots" / commit)
+    tokenizer.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return home
+
+
+def standard_rows(n):
+    return [{"prompt": r["prompt"][0]["content"], "chosen": r["chosen"][0]["content"],
+             "rejected": r["rejected"][0]["content"]} for r in make_rows(n)]
+
+
+def hub_dataset(folder, rows):
+    """A folder laid out as a dataset repository on the hub: one parquet file per split under data/."""
+    import datasets
+    (folder / "data").mkdir(parents=True)
+    for split, part in (("train", rows[:24]), ("test", rows[24:])):
+        datasets.Dataset.from_list(part).to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    return str(folder)
+
+
+@pytest.mark.parametrize("kind", ["standard", "conversational"])
+def test_a_hub_model_id_and_a_hub_dataset_train_and_evaluate_offline_through_the_libraries_loaders(
+        tmp_path, hub_home, kind):
+    """`--model ORG/NAME --data ...` as a GPU recipe runs it, with the download replaced by a filled cache."""
+    data = hub_dataset(tmp_path / "dataset", make_rows(32) if kind == "conversational" else standard_rows(32))
+    out, env = tmp_path / "run", {**TEST_ENV, "HF_HOME": str(hub_home)}
+    args = ["train.py", "--model", HUB_MODEL, "--data", data, "--train_split", "train", "--eval_split", "test",
+            "--max_steps", "2", "--batch_size", "4", "--disc_dim", "32", "--disc_heads", "2", "--max_length", "64",
+            "--max_prompt_length", "40", "--dtype", "fp32", "--output_dir", str(out)]
+    run = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "train [train]: 24 pairs" in run.stdout and "eval [test]: 8 pairs" in run.stdout
+    assert "eval test step 2 | loss" in run.stdout
+    evaluated = subprocess.run([sys.executable, "eval.py", str(out), "--split", "test", "--limit", "8", "--gen_prompts",
+                                "2", "--samples", "1", "--temperatures", "1.0", "--max_new_tokens", "4"],
+                               capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    test = json.loads((out / "eval.json").read_text())["results"][0]["splits"]["test"]
+    assert test["pairs"] == 8 and 0 <= test["rewards/accuracies"] <= 1 and "1.0" in test["generation"]
+    if kind == "standard":  # the name resolves through the cache alone: with an empty one the same run fails
+        empty = {**env, "HF_HOME": str(tmp_path / "empty")}
+        run = subprocess.run([sys.executable, *args[:-1], str(tmp_path / "run2")], capture_output=True, text=True,
+                             env=empty, cwd=HERE, timeout=300)
+        assert run.returncode == 2 and f"error: --model {HUB_MODEL}: not a local model folder" in run.stderr
 
 
 # ------------------------------------ train.py on several processes (torchrun, gloo, CPU): slow
@@ -1377,10 +1635,11 @@ def test_generation_is_reproducible_for_a_fixed_seed(tokenizer):
 
 # ------------------------------------------------------------------------------------- bench.py
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_step_flops_formula_matches_the_flops_torch_counts(tokenizer, checkpointing):
+@pytest.mark.parametrize("checkpointing, k", [(False, 1), (True, 1), (False, 2)])
+def test_step_flops_formula_matches_the_flops_torch_counts(tokenizer, checkpointing, k):
     """bench.py predicts the GANPO/DPO ratio for large models from step_flops(); it must match what
-    torch's FLOP counter sees in a real step, with and without gradient checkpointing."""
+    torch's FLOP counter sees in a real step, with and without gradient checkpointing, in one
+    micro-batch or two (where GANPO runs the policy's forward again, DPO does not)."""
     import bench
     from torch.utils.flop_counter import FlopCounterMode
     policy, ref, discs, popt, dopt = setup_models(tokenizer)
@@ -1391,14 +1650,14 @@ def test_step_flops_formula_matches_the_flops_torch_counts(tokenizer, checkpoint
     g = torch.Generator().manual_seed(0)
     ex = [{k: torch.randint(0, 1000, (n,), generator=g).tolist() for k, n in
            (("prompt", P), ("chosen", T - P), ("rejected", T - P))} for _ in range(pairs)]
-    batch = loading.collate(ex, tokenizer.pad_token_id)
+    micro = [loading.collate(ex[i:i + pairs // k], tokenizer.pad_token_id) for i in range(0, pairs, pairs // k)]
     counted = {}
     for arm, d, opt in (("dpo", None, None), ("ganpo", discs, dopt)):
         with FlopCounterMode(display=False) as counter:
-            ganpo.ganpo_step(policy, ref, d, popt, opt, [batch], ganpo.GANPOConfig(adv_weight=1.0 if d else 0.0), {},
+            ganpo.ganpo_step(policy, ref, d, popt, opt, micro, ganpo.GANPOConfig(adv_weight=1.0 if d else 0.0), {},
                              nullcontext)
         counted[arm] = counter.get_total_flops()
-    dpo, extra = bench.step_flops(bench.shape_of(policy.config), pairs, T, P, 32, 2, "all", checkpointing)
+    dpo, extra = bench.step_flops(bench.shape_of(policy.config), pairs, T, P, 32, 2, "all", checkpointing, k)
     norms = sum(p.numel() for n, p in policy.named_parameters() if "norm" in n)  # the only weights n_params leaves out
     assert bench.n_params(bench.shape_of(policy.config), tied=True) + norms == sum(p.numel() for p in policy.parameters())
     assert dpo == pytest.approx(counted["dpo"], rel=0.03)

@@ -98,25 +98,21 @@ TINY_DEFAULTS = {"disc_dim": 32, "disc_heads": 2, "limit": 32, "batch_size": 4}
 
 def parse_config():
     parser = HfArgumentParser(Config)
-    cfg = parser.parse_args_into_dataclasses()[0]
-    if cfg.model == "tiny":
-        parser.set_defaults(**TINY_DEFAULTS)
+    try:
         cfg = parser.parse_args_into_dataclasses()[0]
+        if cfg.model == "tiny":
+            parser.set_defaults(**TINY_DEFAULTS)
+            cfg = parser.parse_args_into_dataclasses()[0]
+    except ValueError as e:  # GANPOConfig checks the method's fields: "disc_steps 0: expected ..."
+        fail(f"--{e}")
     check_config(cfg, world=int(os.environ.get("WORLD_SIZE", 1)))  # torchrun sets WORLD_SIZE
     return cfg
 
 
 def check_config(cfg, world=1):
-    choices = {"loss": ("dpo", "simpo", "ipo"), "disc_tokens": ("all", "response"),
-               "disc_loss": ("quad", "ragan"), "dtype": ("auto", "bf16", "fp32"),
-               "disc_init": ("xavier", "torch"), "update": ("alternating", "simultaneous"),
-               "latent_reg": ("none", "mmd")}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            fail(f"--{name} {getattr(cfg, name)}: expected {', '.join(allowed[:-1])} or "
-                 f"{allowed[-1]}")
-    if cfg.disc_steps < 1:
-        fail(f"--disc_steps {cfg.disc_steps}: expected at least 1")
+    """The run's own flags (GANPOConfig has checked the method's)."""
+    if cfg.dtype not in ("auto", "bf16", "fp32"):
+        fail(f"--dtype {cfg.dtype}: expected auto, bf16 or fp32")
     if (cfg.disc_lr is not None and cfg.disc_lr < 0) or cfg.disc_lr_ratio < 0:
         fail("--disc_lr and --disc_lr_ratio must be >= 0 (0 = frozen discriminators)")
     if cfg.grad_accum < 1 or cfg.batch_size % (world * cfg.grad_accum):
@@ -126,10 +122,6 @@ def check_config(cfg, world=1):
     if cfg.latent_reg == "mmd" and cfg.batch_size // (world * cfg.grad_accum) < 2:
         fail("--latent_reg mmd compares the pairs of a micro-batch: it needs at least 2 "
              "(--batch_size / --grad_accum)")
-    if cfg.rpo_alpha < 0 or cfg.latent_weight < 0:
-        fail("--rpo_alpha and --latent_weight must be >= 0")
-    if not 0 <= cfg.disc_dropout < 1:
-        fail(f"--disc_dropout {cfg.disc_dropout}: expected a fraction in [0, 1)")
     if not 0 <= cfg.label_noise <= 1:
         fail(f"--label_noise {cfg.label_noise}: expected a fraction in [0, 1]")
     if cfg.lora_r < 0 or not 0 <= cfg.lora_dropout < 1:
@@ -141,6 +133,35 @@ def check_config(cfg, world=1):
         fail("--merge_lora needs --lora_r > 0")
     if cfg.max_steps < 0 or cfg.max_length < 2 or cfg.max_prompt_length < 1 or cfg.limit < 0:
         fail("--max_steps and --limit must be >= 0, --max_length >= 2, --max_prompt_length >= 1")
+
+
+def settings_without_effect(cfg):
+    """Flags set away from their defaults that change nothing under the others -> one line each.
+    Accepting a setting and ignoring it in silence is the commonest trust bug of DPO code."""
+    defaults = Config(**(TINY_DEFAULTS if cfg.model == "tiny" else {}))
+    no_game, frozen = cfg.adv_weight == 0, disc_peak_lr(cfg) == 0
+    held_from_file = cfg.data.endswith((".jsonl", ".json")) and not cfg.eval_data
+    rules = [  # (flags, when they do nothing, why)
+        (["gamma"], cfg.loss != "simpo", f"only --loss simpo uses it (--loss {cfg.loss})"),
+        (["label_smoothing"], cfg.loss != "dpo", f"only --loss dpo uses it (--loss {cfg.loss})"),
+        (["latent_weight"], cfg.latent_reg != "mmd", "it weighs --latent_reg mmd, which is off"),
+        (["disc_dim", "disc_layers", "disc_heads", "disc_dropout", "disc_loss", "disc_steps",
+          "disc_init", "disc_sn", "disc_max_grad_norm", "update", "ema_decay", "disc_lr",
+          "disc_lr_ratio"], no_game, "--adv_weight 0 builds no discriminators"),
+        (["disc_tokens"], no_game and cfg.latent_reg != "mmd",
+         "--adv_weight 0 builds no discriminators; it changes only the logged latent/mmd"),
+        (["disc_steps", "disc_dropout", "disc_max_grad_norm", "update"], frozen and not no_game,
+         "frozen discriminators (a peak rate of 0) never step and run in eval mode"),
+        (["disc_lr_ratio"], cfg.disc_lr is not None and not no_game, "--disc_lr overrides it"),
+        (["lora_alpha", "lora_dropout", "lora_targets"], not cfg.lora_r, "LoRA is off (--lora_r 0)"),
+        (["eval_pairs"], cfg.eval_every == 0, "it sizes the periodic evaluations, off at "
+         "--eval_every 0 (the final one scores every pair)"),
+        (["eval_split", "final_eval_splits"], held_from_file,
+         f"--data {cfg.data} is a file: its last 10% is held out (--eval_data names another)"),
+        (["train_split"], cfg.data.endswith(".jsonl"), f"--data {cfg.data} has no splits")]
+    return [f"--{name} {getattr(cfg, name)} has no effect: {why}"
+            for names, applies, why in rules if applies
+            for name in names if getattr(cfg, name) != getattr(defaults, name)]
 
 
 def get_lr(step, max_steps, lr, warmup_steps, min_lr_ratio=0.1):
@@ -285,11 +306,11 @@ def held_out_batches(cfg, held_out, micro, pad_id):
                    for name, ex in held_out.items()}}
 
 
-def start_run_folder(cfg, rank):
+def start_run_folder(cfg, rank, warnings):
     os.makedirs(cfg.output_dir, exist_ok=True)
     if rank == 0:  # eval.py reads run_config.json
         loading.write_text(os.path.join(cfg.output_dir, "run_config.json"),
-                           json.dumps(asdict(cfg), indent=1))
+                           json.dumps({**asdict(cfg), "warnings": warnings}, indent=1))
 
 
 def read_saved_run(cfg, world):
@@ -478,6 +499,9 @@ def main():
     use_bf16, autocast = scaleout.precision(device, cfg.dtype)
     cfg.dtype = "bf16" if use_bf16 else "fp32"  # what auto picked, for the record and a resume
     print(json.dumps(asdict(cfg)))
+    warnings = settings_without_effect(cfg)  # kept in run_config.json too
+    for line in warnings:
+        print(f"warning: {line}")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
@@ -487,7 +511,7 @@ def main():
     micro, pad_id = share // cfg.grad_accum, tokenizer.pad_token_id
     evals = held_out_batches(cfg, held_out, micro, pad_id)
     s = make_players(cfg, policy, device)  # what checkpoint.pt holds
-    start_run_folder(cfg, rank)
+    start_run_folder(cfg, rank, warnings)
     start = resume(cfg, saved, s, rank, device) if saved else 0
     del saved
     gan, stop = s.discs is not None, stop_on_signals()

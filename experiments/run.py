@@ -57,6 +57,8 @@ METHODS = {"dpo": ["--adv_weight", "0"],
            **{f"dpo-mmd{w:g}": ["--adv_weight", "0", "--latent_reg", "mmd", "--latent_weight", f"{w:g}"]
               for w in (10, 30, 100)},
            **{f"dpo-rpo{a:g}": ["--adv_weight", "0", "--rpo_alpha", f"{a:g}"] for a in (0.3, 1)},
+           # the authors' settings with the authors' spectral-norm start (random u, v, no warm-up)
+           "ganpo-snlegacy": [*gan(), "--disc_sn", "legacy"],
            "simpo": ["--loss", "simpo", "--beta", "2.0", "--gamma", "0.5", "--adv_weight", "0"],
            "ganpo-simpo": ["--loss", "simpo", "--beta", "2.0", "--gamma", "0.5"]}
 # issue 11's comparison: DPO, the authors' settings, frozen discriminators, and the sweep's pick for
