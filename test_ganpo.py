@@ -1398,7 +1398,8 @@ def hub_dataset(folder, rows):
 @pytest.mark.parametrize("kind", ["standard", "conversational"])
 def test_a_hub_model_id_and_a_hub_dataset_train_and_evaluate_offline_through_the_libraries_loaders(
         tmp_path, hub_home, kind):
-    """`--model ORG/NAME --data ...` as a GPU recipe runs it, with the download replaced by a filled cache."""
+    """`--model ORG/NAME --data ...` as a GPU recipe runs it, with the download replaced by a filled cache;
+    eval.py on the standard run (the conversational one differs only in tokenisation, which train.py covers)."""
     data = hub_dataset(tmp_path / "dataset", make_rows(32) if kind == "conversational" else standard_rows(32))
     out, env = tmp_path / "run", {**TEST_ENV, "HF_HOME": str(hub_home)}
     args = ["train.py", "--model", HUB_MODEL, "--data", data, "--train_split", "train", "--eval_split", "test",
@@ -1408,17 +1409,16 @@ def test_a_hub_model_id_and_a_hub_dataset_train_and_evaluate_offline_through_the
     assert run.returncode == 0, run.stderr[-2000:]
     assert "train [train]: 24 pairs" in run.stdout and "eval [test]: 8 pairs" in run.stdout
     assert "eval test step 2 | loss" in run.stdout
+    # the name resolved to the cached snapshot (nothing else offline could): the saved policy is the tiny model
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 64
+    if kind == "conversational":
+        return
     evaluated = subprocess.run([sys.executable, "eval.py", str(out), "--split", "test", "--limit", "8", "--gen_prompts",
                                 "2", "--samples", "1", "--temperatures", "1.0", "--max_new_tokens", "4"],
                                capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     test = json.loads((out / "eval.json").read_text())["results"][0]["splits"]["test"]
     assert test["pairs"] == 8 and 0 <= test["rewards/accuracies"] <= 1 and "1.0" in test["generation"]
-    if kind == "standard":  # the name resolves through the cache alone: with an empty one the same run fails
-        empty = {**env, "HF_HOME": str(tmp_path / "empty")}
-        run = subprocess.run([sys.executable, *args[:-1], str(tmp_path / "run2")], capture_output=True, text=True,
-                             env=empty, cwd=HERE, timeout=300)
-        assert run.returncode == 2 and f"error: --model {HUB_MODEL}: not a local model folder" in run.stderr
 
 
 # ------------------------------------ train.py on several processes (torchrun, gloo, CPU): slow
@@ -1712,11 +1712,16 @@ def test_bench_reports_times_memory_and_flop_ratios(tmp_path):
 
 # --------------------------------------------------------------------------- experiments/run.py
 
-def grid_module():
-    spec = importlib.util.spec_from_file_location("grid", os.path.join(HERE, "experiments", "run.py"))
+def script_module(*path):
+    """A script of the repository (not a package module) imported from its file."""
+    spec = importlib.util.spec_from_file_location(path[-1][:-3], os.path.join(HERE, *path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def grid_module():
+    return script_module("experiments", "run.py")
 
 
 def test_report_pools_each_methods_difference_from_dpo_over_seeds_with_its_standard_error():
@@ -1872,11 +1877,56 @@ if __name__ == "__main__":  # torchrun ... test_ganpo.py PLAN: the train.py runs
 
 # ------------------------------------------------------------------------- scripts/gpu_check.py
 
+def compare_authors():
+    return script_module("scripts", "compare_authors.py")
+
+
+def test_compare_authors_loads_a_discriminator_saved_under_the_authors_names_into_ours_unchanged():
+    """The authors' TransformerDiscriminator keeps the legacy hook's weight_orig/_u/_v and its own names
+    (project_in, pos_embedding (1, L, d), transformer); rename ours (legacy) to those, map back, compare."""
+    torch.manual_seed(0)
+    legacy = ganpo.Discriminator(48, 32, n_heads=2, dropout=0.0, sn="legacy").eval()
+    theirs = {k.replace("proj.", "project_in.").replace("encoder.", "transformer."): v
+              for k, v in legacy.state_dict().items()}
+    theirs["pos_embedding"] = theirs.pop("pos")[None]
+    ours = ganpo.Discriminator(48, 32, n_heads=2, dropout=0.0).eval()
+    ours.load_state_dict(compare_authors().our_discriminator_state(theirs))  # strict: every name found
+    h, mask = torch.randn(3, 7, 48), torch.ones(3, 7, dtype=torch.bool)
+    torch.testing.assert_close(ours(h, mask), legacy(h, mask), rtol=1e-5, atol=1e-6)  # same W, u, v: same σ
+
+
+@pytest.mark.parametrize("sn", ["torch", "legacy"])
+def test_compare_authors_starts_each_power_iteration_at_the_exact_top_singular_vectors(sn):
+    torch.manual_seed(0)
+    d = ganpo.Discriminator(96, 128, n_heads=4, sn=sn)
+    assert sn == "torch" or sigma_estimate(d.proj, 96) < 0.8  # the legacy start is far off before
+    compare_authors().exact_power_iteration_start(d)
+    d.eval()
+    for layer, d_in in ((d.proj, 96), (d.head[0], 128), (d.head[2], 128)):
+        layer(torch.zeros(1, d_in))  # eval mode: the stored u, v, no iteration
+        assert torch.linalg.matrix_norm(layer.weight.detach(), 2).item() == pytest.approx(1.0, abs=1e-5)
+    assert sigma_estimate(d.proj, 96) == pytest.approx(1.0, abs=1e-5)  # and one train-mode iteration keeps it
+
+
+def test_compare_authors_turns_a_trl_batch_into_ours_and_reports_relative_differences():
+    c = compare_authors()
+    trl_batch = {"prompt_input_ids": torch.tensor([[0, 5, 6], [7, 8, 9]]),  # TRL pads prompts on the left
+                 "prompt_attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]),
+                 "chosen_input_ids": torch.tensor([[10, 11], [12, 0]]), "chosen_attention_mask": torch.tensor([[1, 1], [1, 0]]),
+                 "rejected_input_ids": torch.tensor([[13, 0], [14, 15]]),
+                 "rejected_attention_mask": torch.tensor([[1, 0], [1, 1]])}
+    b = c.our_batch(trl_batch, pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 10, 11, 0], [7, 8, 9, 12, 0], [5, 6, 13, 0, 0], [7, 8, 9, 14, 15]]
+    assert b["completion_mask"].sum(-1).tolist() == [2, 1, 1, 2] and b["attention_mask"].sum(-1).tolist() == [4, 4, 3, 5]
+    assert c.relative_difference(1.5, 2.0) == 0.25 and c.relative_difference(0.0, 0.0) == 0.0
+    assert c.relative_difference([torch.tensor([3.0, 0.0])], [torch.tensor([0.0, 4.0])]) == pytest.approx(5 / 4)
+    lines = c.table([("step 1: DPO loss", 0.5, 0.25, 1.0)]).splitlines()
+    assert lines[0].split() == ["quantity", "ours", "theirs", "rel.", "diff"]
+    assert lines[1].split()[-3:] == ["0.5", "0.25", "1.0e+00"]
+
+
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(HERE, "scripts", "gpu_check.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("scripts", "gpu_check.py")
 
 
 def test_gpu_check_without_a_cuda_device_stops_with_one_line(monkeypatch, tmp_path):

@@ -153,7 +153,8 @@ def settings_without_effect(cfg):
         (["disc_steps", "disc_dropout", "disc_max_grad_norm", "update"], frozen and not no_game,
          "frozen discriminators (a peak rate of 0) never step and run in eval mode"),
         (["disc_lr_ratio"], cfg.disc_lr is not None and not no_game, "--disc_lr overrides it"),
-        (["lora_alpha", "lora_dropout", "lora_targets"], not cfg.lora_r, "LoRA is off (--lora_r 0)"),
+        (["lora_alpha", "lora_dropout", "lora_targets"], not cfg.lora_r,
+         "LoRA is off (--lora_r 0)"),
         (["eval_pairs"], cfg.eval_every == 0, "it sizes the periodic evaluations, off at "
          "--eval_every 0 (the final one scores every pair)"),
         (["eval_split", "final_eval_splits"], held_from_file,
