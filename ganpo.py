@@ -390,10 +390,11 @@ def discriminator_backward(discs, real, fake, mask, cfg, ema, n_micro, autocast,
     discs.requires_grad_(learn)
     metrics = {}
     for side in ("chosen", "rejected"):
-        with autocast(), torch.set_grad_enabled(learn):
-            logits = score(discs, side, real, fake, mask, ("real", "fake"))
-        with autocast(), torch.set_grad_enabled(learn and cfg.disc_loss == "quad"):  # ragan: logged
-            logits.update(score(discs, side, real, fake, mask, ("contrast",)))
+        with autocast():  # one context: under bf16 its cast weights are shared by the three calls
+            with torch.set_grad_enabled(learn):
+                logits = score(discs, side, real, fake, mask, ("real", "fake"))
+            with torch.set_grad_enabled(learn and cfg.disc_loss == "quad"):  # ragan: only logged
+                logits.update(score(discs, side, real, fake, mask, ("contrast",)))
         update_ema(ema, logits, cfg.ema_decay)
         a, f, n = (logits[f"{side}/{role}"] for role in ("real", "fake", "contrast"))
         m_a, m_f, m_n = (ema[f"{side}/{role}"] for role in ("real", "fake", "contrast"))

@@ -7,6 +7,7 @@ Each test is named for the property it checks. Models are the `tiny` random Llam
 packaged SmolLM2 tokenizer, so chat templates and special tokens are real).
 """
 import contextlib
+import copy
 import importlib.util
 import io
 import json
@@ -311,6 +312,27 @@ def test_a_role_no_loss_uses_is_scored_without_a_graph_and_the_losses_read_roles
         monkeypatch.setattr(ganpo, "score", score)
         assert discs["chosen"].graphs == graphs and discs["rejected"].graphs == graphs  # real, fake, contrast
     assert results[0] == results[1] and results[0]["disc/chosen/contrast_loss"] > 0  # the contrast pair, logged
+
+
+def test_under_bf16_autocast_the_discriminator_gradients_are_those_of_one_call_scoring_all_three_roles():
+    """Autocast caches each weight's bf16 copy within one context, and the three roles' gradients sum
+    through it: scoring them in one context keeps the rounding of the step the recorded runs took."""
+    torch.manual_seed(0)
+    discs = torch.nn.ModuleDict({s: ganpo.Discriminator(8, 16, n_heads=2, dropout=0.0) for s in ("chosen", "rejected")})
+    twin = copy.deepcopy(discs)
+    h = {s: torch.randn(3, 5, 8) for s in ("real_chosen", "real_rejected", "fake_chosen", "fake_rejected")}
+    real, fake = {s: h[f"real_{s}"] for s in ("chosen", "rejected")}, {s: h[f"fake_{s}"] for s in ("chosen", "rejected")}
+    mask = {s: torch.ones(3, 5, dtype=torch.bool) for s in ("chosen", "rejected")}
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    ganpo.discriminator_backward(discs, real, fake, mask, ganpo.GANPOConfig(), {}, 1, bf16)
+    twin.train()
+    for side in ("chosen", "rejected"):  # by hand: one score() call, three roles, one context
+        with bf16():
+            a, f, n = ganpo.score(twin, side, real, fake, mask).values()
+        means = [x.detach().float().mean() for x in (a, f, n)]  # first running means: the batch means
+        ganpo.quad_disc_loss(a, f, n, *means).backward()
+    grads = [(p.grad, q.grad) for p, q in zip(discs.parameters(), twin.parameters())]
+    assert all(torch.equal(g, t) for g, t in grads) and any(float(g.abs().max()) > 0 for g, _ in grads)
 
 
 def test_running_means_start_at_first_value_then_decay():
