@@ -1645,6 +1645,34 @@ def test_eval_draws_its_figure_and_the_training_curves_of_a_run(trained_run, dat
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'metrics.jsonl'}: no such file (is {tmp_path} a train.py --output_dir?)"
 
 
+def glossary_name(key):
+    """A logged key as docs/metrics.md names it: no eval/ prefix, a discriminator's side as {side}."""
+    key = key.removeprefix("eval/")
+    if key.startswith(("disc/", "ema/")):
+        key = key.replace("/chosen/", "/{side}/").replace("/rejected/", "/{side}/")
+    return key
+
+
+def test_every_key_a_run_and_eval_py_write_is_in_the_metric_glossary(trained_run, data_file, tokenizer):
+    """GANPO's records (trained_run) hold every key DPO's and the controls' do (latent/mmd, nll/chosen are
+    logged on every run): checked on a DPO step with both controls on. eval.json's keys from one evaluation."""
+    import eval as ev
+    out = trained_run[0]
+    keys = {k for line in (out / "metrics.jsonl").read_text().splitlines() for k in json.loads(line)}
+    policy, ref, _, popt, _ = setup_models(tokenizer, adv_weight=0)
+    dpo = ganpo.ganpo_step(policy, ref, None, popt, None, [batch_of(tokenizer, make_rows(4))],
+                           ganpo.GANPOConfig(adv_weight=0, latent_reg="mmd", rpo_alpha=1.0), {}, nullcontext)
+    assert set(dpo) <= keys  # nothing a DPO step logs is missing from GANPO's record
+    cfg = ev.EvalConfig(data=data_file, split="x", limit=8, gen_prompts=1, samples=1, max_new_tokens=4,
+                        temperatures="1.0")
+    split = ev.evaluate_run(str(out), cfg, ev.make_scorer(""))["splits"]["x"]
+    keys |= set(split) | set(split["generation"]["1.0"])
+    with open(os.path.join(HERE, "docs", "metrics.md"), encoding="utf-8") as f:
+        glossary = f.read()
+    missing = sorted({glossary_name(k) for k in keys if f"`{glossary_name(k)}`" not in glossary})
+    assert len(keys) > 60 and not missing, missing
+
+
 def test_generation_is_reproducible_for_a_fixed_seed(tokenizer):
     import eval as ev
     policy = tiny_policy(tokenizer).eval()
