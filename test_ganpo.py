@@ -1877,7 +1877,7 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_re
     se = math.sqrt(p_dpo * (1 - p_dpo) / 4 + p_gan * (1 - p_gan) / 4)  # 4 pairs each, taken as independent
     assert "| ganpo − dpo | 0.2 | test | 1 | 0.100 ± " + f"{se:.3f} | 0.000 ± 0.000 | 0.000 | 0.000 | 0.000 | 1.500 | 1.000 |" in text
     assert "| ganpo − dpo | 0.2 | shift | 1 | 0.000 ± " in text
-    assert "| ganpo | 0.2 | test | 1 | - |" in text.split("The comparison (issue 11)")[1]  # no periodic AUC in this cell
+    assert "| ganpo | 0.2 | test | 1 | - |" in text.split("The comparison, with")[1]  # no periodic AUC in this cell
     # seed by seed, accuracy ± its binomial standard error over the final evaluation's pairs; never run: '?'
     rows = text.split("The comparison seed by seed")[1]
     final = g["final_eval"]["test"]
@@ -1886,9 +1886,9 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_re
     mmd2 = f"{g['eval']['test']['latent/mmd2']:.3f}"
     assert f"| ganpo | 0.2 | - | {mmd2} | " in rows and f" | {final['rewards/accuracies']:.3f} ± {acc_se:.3f} | " in rows
     assert "| ganpo-dlr20x-k4 | 0.2 | ? | ? | ? | ? | ? |\n" in rows
-    assert "| dpo-mmd10 | 0.2 | ? | ? | ? | ? | ? |\n| dpo-rpo1 | 0.2 | ? |" in rows  # issue 25's controls
+    assert "| dpo-mmd10 | 0.2 | ? | ? | ? | ? | ? |\n| dpo-rpo1 | 0.2 | ? |" in rows  # the non-adversarial controls
     assert "| pref. acc | reward T=1.0 |\n" in rows  # one reward column per temperature the records hold
-    # a cell rerun since issue 24 beside its record in results/simultaneous-grid/
+    # a cell rerun with the alternating update beside its record in results/simultaneous-grid/
     (tmp_path / "results" / "simultaneous-grid").mkdir()
     old = json.loads(json.dumps(g))
     old["eval"]["test"]["latent/mmd2"] = 0.5
@@ -1900,7 +1900,7 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_re
     assert f"| ganpo-n0.2-s0 | - -> - | 0.500 -> {mmd2} | " in rows and " | 0.250 -> - |" in rows
     acc = f"{final['rewards/accuracies']:.3f} ± {acc_se:.3f}"  # both sides carry their standard error
     assert f" | {acc} -> {acc} | " in rows
-    # issue 25's sweep: made-up noise-0 cells, DPO and DPO + 30·MMD², the term as trained beside the loss
+    # the controls' sweep: made-up noise-0 cells, DPO and DPO + 30·MMD², the term as trained beside the loss
     for method, cfg in (("dpo", {}), ("dpo-mmd30", {"latent_reg": "mmd", "latent_weight": 30.0})):
         c = {**r, "method": method, "noise": 0.0, "name": f"{method}-n0-s0",
              "train_config": {**r["train_config"], **cfg}, "metrics": [{**r["metrics"][0], "latent/mmd": 0.01}]}

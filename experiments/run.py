@@ -39,7 +39,8 @@ def gan(disc_lr=None, steps=1, loss="quad", tokens="all", update="alternating"):
 
 
 # train.py's policy lr is 5e-5, so the authors' discriminator lr is 2.5e-5; "dlr20x" = 20 times that.
-# "-sim": the same setting with --update simultaneous, the order of the grid before issue 24.
+# "-sim": the same setting with --update simultaneous, the order of the first grid (before the
+# alternating update).
 SETTINGS = {"ganpo": {},  # the authors' settings, spelled out
             "ganpo-frozen": {"disc_lr": 0},  # the policy trains against the random initial discriminators
             "ganpo-dlr20x": {"disc_lr": 5e-4}, "ganpo-dlr200x": {"disc_lr": 5e-3},
@@ -52,7 +53,7 @@ METHODS = {"dpo": ["--adv_weight", "0"],
            **{name: gan(**kw) for name, kw in SETTINGS.items()},
            **{f"{name}-sim": gan(**kw, update="simultaneous") for name, kw in SETTINGS.items()},
            "ganpo-dlr20x-ragan-adv0.3": [*gan(disc_lr=5e-4, loss="ragan"), "--adv_weight", "0.3"],
-           # issue 25's non-adversarial controls, a sweep of their weights first: DPO + λ_mmd·MMD² of the
+           # the non-adversarial controls, a sweep of their weights first: DPO + λ_mmd·MMD² of the
            # latents, and DPO + α·NLL of the chosen responses (RPO)
            **{f"dpo-mmd{w:g}": ["--adv_weight", "0", "--latent_reg", "mmd", "--latent_weight", f"{w:g}"]
               for w in (10, 30, 100)},
@@ -61,14 +62,14 @@ METHODS = {"dpo": ["--adv_weight", "0"],
            "ganpo-snlegacy": [*gan(), "--disc_sn", "legacy"],
            "simpo": ["--loss", "simpo", "--beta", "2.0", "--gamma", "0.5", "--adv_weight", "0"],
            "ganpo-simpo": ["--loss", "simpo", "--beta", "2.0", "--gamma", "0.5"]}
-# issue 11's comparison: DPO, the authors' settings, frozen discriminators, and the sweep's pick for
-# each loss: four-term (quad) with lr 20x the authors' and 4 discriminator steps per policy step, and
+# the comparison: DPO, the authors' settings, frozen discriminators, and the sweep's pick for each
+# loss: four-term (quad) with lr 20x the authors' and 4 discriminator steps per policy step, and
 # two-term (ragan) with lr 20x and 1 step (its discriminators already win at K = 1; see experiments/game.md);
-# issue 24 added the four-term loss at 20x with K = 1, the old grid's one cell better than DPO; issue 25
-# added the non-adversarial controls at its sweep's picks (λ_mmd = 10, α = 1; experiments/README.md)
+# the four-term loss at 20x with K = 1, the first grid's one cell better than DPO; and the
+# non-adversarial controls at their sweep's picks (λ_mmd = 10, α = 1; experiments/README.md)
 COMPARISON = ["dpo", "ganpo", "ganpo-frozen", "ganpo-dlr20x", "ganpo-dlr20x-k4", "ganpo-dlr20x-ragan",
               "dpo-mmd10", "dpo-rpo1"]
-OLD_GRID = "simultaneous-grid"  # the records from before issue 24, in experiments/results/
+OLD_GRID = "simultaneous-grid"  # the first grid's records (simultaneous update), in experiments/results/
 # periodic held-out evaluations, so the discriminators' AUC can be followed over training
 PERIODIC = ["--eval_every", "8", "--eval_pairs", "96"]
 # float32 on every CPU, as every record was measured (--dtype auto picks bf16 on CPUs with bf16 units)
@@ -243,7 +244,7 @@ def what_reward_follows(done):
     """Across the comparison's cells of one noise level (every method and seed), the Pearson
     correlation of eval.py's reward on `test` with two distances from the reference: the sampled
     KL of the policy's outputs and the MMD² of its latents, at each temperature."""
-    lines = ["", "What the reward follows (issue 25): across the comparison's cells of one noise level, every "
+    lines = ["", "What the reward follows: across the comparison's cells of one noise level, every "
              "method and seed, `test` split, the Pearson correlation of eval.py's reward with its sampled KL "
              "to the reference and with the latent MMD² to the reference.", "",
              "| noise | cells | T | r(reward, KL) | r(reward, MMD²) |", "|---|---|---|---|---|"]
@@ -276,7 +277,7 @@ def acc_se(e, n):
 
 
 def final_pairs(r, split):
-    """Pairs in train.py's final evaluation of `split`: recorded since issue 24; before, every row
+    """Pairs in train.py's final evaluation of `split`: recorded since the alternating update; before, every row
     of the bundled split (the grid's max_length drops none)."""
     if "pairs" in r["final_eval"][split]:
         return r["final_eval"][split]["pairs"]
@@ -411,7 +412,7 @@ def comparison_table(groups):
     """The comparison's methods at each noise level: the discriminators' view, drift, accuracy, and
     reward at every temperature, mean ± sd over seeds."""
     temps = sorted({t for rs in groups.values() for r in rs for s in SPLITS for t in r["eval"][s]["generation"]}, key=float)
-    lines = ["", "The comparison (issue 11), with issue 25's non-adversarial controls: " + ", ".join(COMPARISON)
+    lines = ["", "The comparison, with the non-adversarial controls: " + ", ".join(COMPARISON)
              + "; eval.py on 100 held-out pairs per split, "
              "mean ± sd over seeds.", "",
              "| method | noise | split | n | D AUC ref > policy | MMD² | cosine | probe | pref. acc | "
@@ -490,15 +491,15 @@ def against_dpo(done):
 
 
 def old_vs_new(done, old):
-    """Each rerun cell beside its record from the grid before issue 24 (simultaneous update, PyTorch's
+    """Each rerun cell beside its record from the first grid (simultaneous update, PyTorch's
     initialisation, discriminator gradients clipped at 1), on `test`."""
     old = {key(r): r for r in old}
     rows = [(r, old[key(r)]) for r in sorted(done, key=key) if key(r) in old]
     if not rows:
         return []
-    lines = ["", f"Old -> new: each rerun cell's record in {OLD_GRID}/ (before issue 24) and now, `test` split; "
+    lines = ["", f"Old -> new: each rerun cell's record in {OLD_GRID}/ (the first grid) and now, `test` split; "
              "accuracy from train.py's final evaluation (276 pairs, ± its binomial standard error), the rest "
-             "from eval.py (reward ± its standard error over prompts, recorded since issue 24).", "",
+             "from eval.py (reward ± its standard error over prompts, recorded since the alternating update).", "",
              "| cell | D AUC ref > policy | MMD² to ref | pref. acc | reward T=1.0 | reward T=1.5 |", "|---|---|---|---|---|---|"]
     getters = [TEST_FIGURES[f] for f in ("auc", "mmd2", "acc")] + [reward_on_test(t) for t in ("1.0", "1.5")]
     for new, was in rows:
@@ -507,7 +508,7 @@ def old_vs_new(done, old):
     return lines
 
 
-CONTROLS = [m for m in METHODS if m.startswith(("dpo-mmd", "dpo-rpo"))]  # issue 25's sweep
+CONTROLS = [m for m in METHODS if m.startswith(("dpo-mmd", "dpo-rpo"))]  # the controls' sweep
 
 
 def penalty(r):
@@ -521,7 +522,7 @@ def penalty(r):
 
 
 def controls_sweep(done):
-    """Issue 25's sweep on the default run (noise 0, seed 0): DPO beside each weight of the two
+    """The controls' sweep on the default run (noise 0, seed 0): DPO beside each weight of the two
     non-adversarial controls; the term's size next to the DPO loss as trained, then eval.py's
     independent MMD², the held-out accuracy and the reward."""
     by_key = {key(r): r for r in done}
@@ -529,7 +530,7 @@ def controls_sweep(done):
     if len(rows) < 2:
         return []
     temps = temperatures_on_test(on_test(r) for r in rows)
-    lines = ["", "The non-adversarial controls' sweep (issue 25), label noise 0, seed 0, `test` split: the DPO "
+    lines = ["", "The non-adversarial controls' sweep, label noise 0, seed 0, `test` split: the DPO "
              "loss and the weighted control term (λ_mmd·MMD² of the batch latents, or α·NLL of the chosen "
              "responses), each averaged over the cell's training steps; then eval.py's MMD² to the reference "
              "(its own pairs, bandwidth and estimate), train.py's final accuracy (± binomial SE over its pairs) "
