@@ -18,8 +18,8 @@ Symbols of the paper -> names in this file
     λ, β, γ, ε, μ      adv_weight, beta, gamma, label_smoothing, ema_decay
 
 Sections, in the paper's order: log-probs and latents; the base losses; the discriminator; the
-adversarial losses and running means; one optimizer step; watching the game. The README lists
-where we depart from the authors' code. This module never parses argv and never prints.
+adversarial losses and running means; one optimizer step; watching the game. docs/departures.md
+lists where we depart from the authors' code. This module never parses argv and never prints.
 torchrun: lines marked so call hooks of scaleout.py; on one process each of them does nothing.
 """
 import copy

@@ -616,6 +616,15 @@ def test_the_legacy_spectral_norm_starts_from_a_low_estimate_of_sigma_and_ours_n
     assert firsts["torch"] > 0.95 and firsts["legacy"] < 0.8
 
 
+def test_sn_start_script_measures_the_legacy_hooks_low_first_estimate_on_the_smollm2_shapes():
+    """docs/departures.md quotes scripts/sn_start.py: legacy 0.68-0.71 of σ at the first call, ours 0.96-0.99."""
+    sn_start = script_module("scripts", "sn_start.py")
+    legacy, ours = sn_start.estimates("legacy", 0), sn_start.estimates("torch", 0)
+    for layer in ("576 -> 512", "512 -> 512"):
+        assert 0.65 < legacy[layer][0] < 0.75 and 0.9 < legacy[layer][2] < legacy[layer][3] <= 1.0 + 1e-6
+        assert 0.95 < ours[layer][0] <= 1.0 + 1e-6
+
+
 @pytest.mark.parametrize("clip", [0.0, 1e-3])
 def test_discriminator_gradients_are_clipped_only_when_disc_max_grad_norm_is_set(tokenizer, clip):
     policy, ref, discs, popt, _ = setup_models(tokenizer)
