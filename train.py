@@ -93,7 +93,7 @@ class Config(ganpo.GANPOConfig):  # the objective's and discriminators' flags co
     resume: bool = option(False, "continue the run in --output_dir exactly where it stopped")
 
 
-# --model tiny is for smoke tests: a discriminator its size, few and small batches, unless flags say so
+# --model tiny, for smoke tests: a discriminator its size, few and small batches (flags override)
 TINY_DEFAULTS = {"disc_dim": 32, "disc_heads": 2, "limit": 32, "batch_size": 4}
 
 

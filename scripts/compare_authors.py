@@ -16,7 +16,8 @@ wraps its methods to record what they return, and gives ours the same start:
 - the same token ids: the batches their trainer collates, 3 pairs of a 16-token prompt and two
   48-token completions (every row is cut to that length, so there is no padding);
 - the same discriminator weights, copied from theirs into ours, dropout 0; on both sides each
-  spectral-normalised layer's u, v set to its weight's exact top singular vectors (docs/departures.md: their legacy hook starts from random vectors, ours after 15 power iterations);
+  spectral-normalised layer's u, v set to its weight's exact top singular vectors (see
+  docs/departures.md: their legacy hook starts from random vectors, ours after 15 iterations);
 - the same learning rates at each step: the policy's constant, the discriminators' read off their
   hard-coded cosine schedule and set on ours;
 - ours: ganpo.ganpo_step with the default GANPOConfig (alternating, quad loss, all tokens, μ = 0.9).
