@@ -593,11 +593,15 @@ def plot_comparison(done, path):
     print(f"wrote {os.path.normpath(path)}")
 
 
+def palette(plt, methods):
+    """One distinct colour per method, the same in every figure (tab20 holds 20)."""
+    return {m: plt.cm.tab20(i % 20) for i, m in enumerate(sorted(methods))}
+
+
 def plot_game(done, path):
     """Held-out discriminator AUC and weight change over training, and where each run's latents ended up."""
     plt = pyplot()
-    methods = sorted({r["method"] for r in done})
-    color = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    color = palette(plt, {r["method"] for r in done})
     style = {0.0: "-", 0.2: "--", 0.4: ":"}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     labelled, scattered = set(), set()
@@ -618,16 +622,15 @@ def plot_game(done, path):
         scattered.add(r["method"])
     axes[0].axhline(0.5, color="gray", lw=0.8)
     axes[0].set(xlabel="policy step", ylabel="held-out AUC, reference > policy",
-                title="discriminators' held-out view (test)")
-    axes[0].legend(fontsize=7)
+                title="discriminators' held-out view (test; -- noise 0.2)")
     axes[1].set(xlabel="policy step", ylabel="‖θ_D − θ_D,0‖ / ‖θ_D,0‖", title="discriminator weight change")
     axes[1].set_yscale("symlog", linthresh=1e-4)  # symlog: frozen discriminators sit at exactly 0
     axes[1].set_yticks([0, 1e-4, 1e-3, 1e-2, 1e-1])
     axes[2].set(xlabel="final held-out AUC, reference > policy (DPO, no D: 0.5)", ylabel="latent MMD² to the reference (test)",
                 title="end of training (o noise 0, s 0.2, ^ 0.4)")
-    axes[2].legend(fontsize=7)
+    axes[2].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside, not over, the panel
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     print(f"wrote {os.path.normpath(path)}")
 
 
@@ -677,13 +680,13 @@ def paired(done, t):
 def plot(done, groups, path, t):
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    colors = {"dpo": "tab:blue", "ganpo": "tab:red", "simpo": "tab:green", "ganpo-simpo": "tab:purple"}
+    colors = palette(plt, {r["method"] for r in done})
     markers = {0.0: "o", 0.2: "s", 0.4: "^"}
     for r in done:
         for split, fill in (("test", True), ("shift", False)):
             g = r["eval"][split]["generation"].get(str(t))
             if g:
-                c = colors.get(r["method"], "gray")
+                c = colors[r["method"]]
                 axes[0].scatter(g["kl"], g["reward"], color=c if fill else "none", edgecolors=c,
                                 marker=markers.get(r["noise"], "x"), s=45)
     axes[0].set(xlabel=f"KL estimate (T = {t})", ylabel="VADER reward", title="reward vs KL (filled: test, open: shift)")
@@ -691,12 +694,12 @@ def plot(done, groups, path, t):
         for (method, noise), rs in sorted(groups.items()):
             temps = sorted({float(k) for r in rs for k in r["eval"][split]["generation"]})
             means = [statistics.mean(r["eval"][split]["generation"][str(x)]["reward"] for r in rs) for x in temps]
-            ax.plot(temps, means, color=colors.get(method, "gray"), marker=markers.get(noise, "x"),
+            ax.plot(temps, means, color=colors[method], marker=markers.get(noise, "x"),
                     linestyle={0.0: "-", 0.2: "--", 0.4: ":"}.get(noise, "-"), label=f"{method}, noise {noise:g}")
         ax.set(xlabel="sampling temperature", ylabel="VADER reward", title=f"reward vs temperature ({split})")
-    axes[2].legend(fontsize=7)
+    axes[2].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside, not over, the panel
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     print(f"wrote {os.path.normpath(path)}")
 
 
