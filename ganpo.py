@@ -300,7 +300,10 @@ def split_latents(batch, policy_hidden, ref_hidden, which):
     return real, fake, {"chosen": mask[:B], "rejected": mask[B:]}
 
 
-def score(discs, side, real, fake, mask, roles=("real", "fake", "contrast")):
+ROLES = ("real", "fake", "contrast")  # the latent sets a discriminator scores, in this order
+
+
+def score(discs, side, real, fake, mask, roles=ROLES):
     """D_side's logits (B,) of the latent sets it plays with, in the order of `roles`:
     real = H_ref of its polarity, fake = H_θ of its polarity, contrast = H_ref of the other one."""
     other = "rejected" if side == "chosen" else "chosen"
@@ -396,8 +399,8 @@ def discriminator_backward(discs, real, fake, mask, cfg, ema, n_micro, autocast,
             with torch.set_grad_enabled(learn and cfg.disc_loss == "quad"):  # ragan: only logged
                 logits.update(score(discs, side, real, fake, mask, ("contrast",)))
         update_ema(ema, logits, cfg.ema_decay)
-        a, f, n = (logits[f"{side}/{role}"] for role in ("real", "fake", "contrast"))
-        m_a, m_f, m_n = (ema[f"{side}/{role}"] for role in ("real", "fake", "contrast"))
+        a, f, n = (logits[f"{side}/{role}"] for role in ROLES)
+        m_a, m_f, m_n = (ema[f"{side}/{role}"] for role in ROLES)
         d_loss = (quad_disc_loss(a, f, n, m_a, m_f, m_n) if cfg.disc_loss == "quad"
                   else pair_loss(a, f, m_a, m_f))
         if learn:  # one discriminator's activations alive at a time

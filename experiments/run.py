@@ -594,7 +594,8 @@ def plot_comparison(done, path):
 
 
 def palette(plt, methods):
-    """One distinct colour per method, the same in every figure (tab20 holds 20)."""
+    """One distinct colour per method (tab20 holds 20); game.png and results.png both draw every
+    recorded method, so a method has the same colour in both (comparison.png keeps its own eight)."""
     return {m: plt.cm.tab20(i % 20) for i, m in enumerate(sorted(methods))}
 
 
