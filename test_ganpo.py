@@ -2025,3 +2025,17 @@ def test_gpu_check_runs_every_check_on_the_cpu_and_writes_its_record(tmp_path, c
     assert train_row["step0_loss"] == pytest.approx(math.log(2), abs=1e-6) and train_row["step0_rewards"] == [0, 0]
     assert train_row["final_heldout_loss"] < math.log(2) and train_row["steps"] == 6
     assert record["checks"][0]["figures"]["time_ratio"] > 1 and "all checks passed" in printed
+
+
+# -------------------------------------------------------------- the teaching kit
+
+def test_the_walkthrough_runs_top_to_bottom_its_assertions_hold_and_it_draws_its_figure(
+        tmp_path, monkeypatch, capsys):
+    """Its cells assert every figure they print (by hand against ganpo.py, the written-out step
+    against ganpo_step bit for bit, the toy game's three regimes); here it runs as a script."""
+    import runpy
+    monkeypatch.setenv("WALKTHROUGH_FIGURE", str(tmp_path / "game.png"))
+    runpy.run_path(os.path.join(HERE, "walkthrough.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "written out vs ganpo_step: 0;" in out
+    assert (tmp_path / "game.png").stat().st_size > 20_000
