@@ -2039,3 +2039,224 @@ def test_the_walkthrough_runs_top_to_bottom_its_assertions_hold_and_it_draws_its
     out = capsys.readouterr().out
     assert "written out vs ganpo_step: 0;" in out
     assert (tmp_path / "game.png").stat().st_size > 20_000
+
+
+def exercise(n):
+    """Section n of docs/exercises.md, its answer included."""
+    text = open(os.path.join(HERE, "docs", "exercises.md"), encoding="utf-8").read()
+    start = text.index(f"\n## {n}. ")
+    end = text.find("\n## ", start + 1)
+    return " ".join(text[start:end if end > 0 else len(text)].split())  # line breaks as spaces
+
+
+def record(name):
+    with open(os.path.join(HERE, "experiments", "results", f"{name}.json")) as f:
+        return json.load(f)
+
+
+def changed(function, old, new):
+    """`function` of ganpo.py with the line edit an exercise asks for, applied to its source text
+    (the edit must apply: an exercise whose line no longer exists fails here)."""
+    import inspect
+    import textwrap
+    source = textwrap.dedent(inspect.getsource(function))
+    assert old in source, f"{function.__name__} no longer has the line the exercise changes"
+    namespace = dict(vars(ganpo))
+    exec(source.replace(old, new), namespace)
+    return namespace[function.__name__]
+
+
+def walkthrough_toy_game():
+    """The walkthrough's toy_game, taken from its cell (running the whole file takes ~15 s)."""
+    text = open(os.path.join(HERE, "walkthrough.py"), encoding="utf-8").read()
+    cell = text[text.index("def toy_game"):text.index("regimes = {")]
+    namespace = {"ganpo": ganpo, "torch": torch, "nullcontext": nullcontext}
+    exec(cell, namespace)
+    return namespace["toy_game"]
+
+
+EXERCISE_RUN = ["--model", "tiny", "--max_steps", "1", "--dtype", "fp32", "--eval_every", "0"]
+
+
+@pytest.fixture(scope="session")
+def exercise_runs(tmp_path_factory):
+    """The exercises' tiny run as they give it, and with --disc_dropout 0 -> their step-0 records."""
+    first = {}
+    for name, extra in (("default", []), ("no_dropout", ["--disc_dropout", "0"])):
+        out = tmp_path_factory.mktemp("exercise") / name
+        code, printed = train_here([*EXERCISE_RUN, *extra, "--output_dir", str(out)])
+        assert code == 0, printed[-2000:]
+        with open(out / "metrics.jsonl") as f:
+            first[name] = (json.loads(f.readline()), printed)
+    return first
+
+
+def test_exercise_1_the_step_0_loss_is_ln2_plus_a_generator_loss_near_ln2(exercise_runs):
+    m, printed = exercise_runs["default"]
+    text = exercise(1)
+    assert "python train.py " + " ".join(EXERCISE_RUN) in open(os.path.join(HERE, "docs", "exercises.md")).read()
+    assert m["opo/loss"] == pytest.approx(math.log(2), abs=4 * torch.finfo(torch.float32).eps)
+    assert f"loss {m['loss']:.4f}" in printed and f"`loss {m['loss']:.4f}`" in text
+    assert f"g_loss {m['gen/loss']:.3f}" in printed and f"L_G is near ln 2 as well: {m['gen/loss']:.4f}" in text
+    assert 0 < abs(m["gen/loss"] - math.log(2)) < 0.01
+
+
+def test_exercise_2_identical_latents_are_scored_apart_by_dropout_and_the_power_iteration(exercise_runs):
+    (m, printed), (m0, _) = exercise_runs["default"], exercise_runs["no_dropout"]
+    text = exercise(2)
+    rf, ct = m["disc/real_fake_acc"], m["disc/contrast_acc"]
+    assert f"d_acc rf/ct {rf:.2f}/{ct:.2f}" in printed and f"`d_acc rf/ct {rf:.2f}/{ct:.2f}`" in text
+    assert rf != 0.5
+    assert f"real/fake loss {m['disc/real_fake_loss']:.3f}" in text
+    assert abs(m["disc/real_fake_loss"] - math.log(2)) > 3e-3  # a dropout sample away
+    assert abs(m0["disc/real_fake_loss"] - math.log(2)) < 1e-3 and f"({m0['disc/real_fake_loss']:.4f})" in text
+    assert m0["disc/real_fake_acc"] != 0.5  # the power iteration alone: rounding-sized differences
+    # that it is the power iteration: in eval mode (no iteration, no dropout) the scores are equal
+    torch.manual_seed(0)
+    disc = ganpo.Discriminator(8, 16, 1, 2, dropout=0.0)
+    h, mask = torch.randn(4, 3, 8), torch.ones(4, 3, dtype=torch.bool)
+    a, f = disc.train()(h, mask), disc(h, mask)
+    assert not torch.equal(a, f)
+    assert torch.equal(disc.eval()(h, mask), disc(h, mask))
+
+
+def test_exercise_3_the_discriminators_loss_puts_no_gradient_into_the_policy_only_because_of_the_detach(tokenizer):
+    policy = tiny_policy(tokenizer)
+    ref = ganpo.make_reference(policy)
+    batch = batch_of(tokenizer, make_rows(4))
+    discs = ganpo.build_discriminators(policy.config.hidden_size, SMALL_D)
+    norms = {}
+    for detach in (True, False):
+        policy.zero_grad(set_to_none=True)
+        _, _, hidden = ganpo.forward_logps_and_hidden(policy, batch)
+        with torch.no_grad():
+            _, _, ref_hidden = ganpo.forward_logps_and_hidden(ref, batch)
+        real, fake, mask = ganpo.split_latents(batch, hidden, ref_hidden, "all")
+        # without the detach: D_w's latents only (two backwards would meet in one policy graph)
+        fake = {k: v if k == "chosen" and not detach else v.detach() for k, v in fake.items()}
+        ganpo.discriminator_backward(discs, real, fake, mask, SMALL_D, {}, 1, nullcontext)
+        grads = [p.grad for p in policy.parameters() if p.grad is not None]
+        norms[detach] = float(torch.norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+    assert norms[True] == 0.0 and norms[False] > 1e-3
+    assert "Exactly 0" in exercise(3) and "norm above 1e-3" in exercise(3)
+
+
+def test_exercise_4_the_held_out_auc_below_one_half_is_the_records(tmp_path):
+    text = exercise(4)
+    e = record("ganpo-n0-s0")["eval"]["test"]
+    for key in ("disc/auc_real_fake", "disc/chosen/auc_real_fake", "disc/rejected/auc_real_fake"):
+        assert f"{e[key]:.3f}" in text
+    assert e["disc/auc_real_fake"] < 0.5
+    assert f"it is {record('ganpo-frozen-n0-s0')['eval']['test']['disc/auc_real_fake']:.3f}" in text
+
+
+def test_exercise_5_adams_bound_on_a_discriminators_movement_and_the_recorded_movement():
+    text = exercise(5)
+    cfg = record("ganpo-n0-s0")["train_config"]
+    peak = cfg["lr"] * cfg["disc_lr_ratio"]
+    total = sum(train.get_lr(t, cfg["max_steps"], peak, cfg["warmup_steps"]) for t in range(cfg["max_steps"]))
+    assert peak == 2.5e-5 and f"Σ lr_t = {total:.1e}".replace("e-0", "e-") in text
+    torch.manual_seed(0)
+    d = ganpo.build_discriminators(576, ganpo.GANPOConfig())["chosen"]  # SmolLM2's width
+    weights = torch.cat([p.detach().flatten() for p in d.parameters()])
+    rms = float(weights.pow(2).mean().sqrt())
+    assert f"{rms:.3f}" in text and f"at most about {100 * total / rms:.1f}%" in text
+    for name, cue in (("ganpo-n0-s0", "record"), ("ganpo-dlr20x-n0-s0", "20 times")):
+        m = record(name)["metrics"][-1]
+        w, l = (100 * m[f"disc/{side}/weight_change"] for side in ("chosen", "rejected"))
+        assert f"{w:.{1 if cue != 'record' else 2}f}%" in text and f"{l:.{1 if cue != 'record' else 2}f}%" in text
+        assert max(w, l) / 100 < (total / rms) * (20 if cue != "record" else 1)
+
+
+def test_exercise_6_adv_weight_0_gives_the_dpo_step_to_the_last_bit(tokenizer):
+    batch = batch_of(tokenizer, make_rows(4))
+    after = []
+    for with_discs in (True, False):
+        torch.manual_seed(0)
+        policy = tiny_policy(tokenizer)
+        ref = ganpo.make_reference(policy)
+        cfg = ganpo.GANPOConfig(disc_dim=32, disc_heads=2, adv_weight=0.0)
+        discs = ganpo.build_discriminators(policy.config.hidden_size, cfg) if with_discs else None
+        disc_opt = torch.optim.AdamW(discs.parameters(), lr=1e-3) if with_discs else None
+        start = [p.detach().clone() for p in discs.parameters()] if with_discs else None
+        policy_opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+        ganpo.ganpo_step(policy, ref, discs, policy_opt, disc_opt, [batch], cfg, {}, nullcontext)
+        after.append(torch.cat([p.detach().flatten() for p in policy.parameters()]))
+        if with_discs:  # the discriminators did learn
+            assert any(not torch.equal(a, p) for a, p in zip(start, discs.parameters()))
+    assert torch.equal(after[0], after[1])
+    assert not torch.equal(after[0], torch.cat([p.flatten() for p in tiny_policy(tokenizer).parameters()]))
+    assert "equal to the last bit" in exercise(6)
+
+
+def test_exercise_7_frozen_discriminators_leave_the_latents_further_from_the_reference():
+    text = exercise(7)
+    mmd = {(m, s): record(f"{m}-n0-s{s}")["eval"]["test"]["latent/mmd2"] for m in ("ganpo-frozen", "dpo", "ganpo")
+           for s in (0, 1)}
+    for value in mmd.values():
+        assert f"{value:.3f}" in text
+    for s in (0, 1):
+        assert mmd["ganpo-frozen", s] > max(mmd["dpo", s], mmd["ganpo", s])
+
+
+def test_exercise_8_four_discriminator_steps_per_policy_step_as_recorded():
+    text = exercise(8)
+    k4, k1 = record("ganpo-dlr20x-k4-n0-s0"), record("ganpo-dlr20x-n0-s0")
+    assert (k4["train_config"]["disc_steps"], k1["train_config"]["disc_steps"]) == (4, 1)
+    for r in (k4, k1):
+        for side in ("chosen", "rejected"):
+            assert f"{100 * r['metrics'][-1][f'disc/{side}/weight_change']:.1f}%" in text
+        assert f"AUC {r['eval']['test']['disc/auc_real_fake']:.3f}" in text or \
+            f"against {r['eval']['test']['disc/auc_real_fake']:.3f}" in text
+        assert f"{r['eval']['test']['latent/mmd2']:.3f}" in text
+        acc = r["final_eval"]["test"]["rewards/accuracies"]
+        assert f"{acc:.3f}" in text
+    p = k1["final_eval"]["test"]["rewards/accuracies"]
+    se = math.sqrt(p * (1 - p) / k1["final_eval"]["test"]["pairs"])
+    assert f"± about {se:.3f}" in text
+    assert k4["final_eval"]["test"]["rewards/accuracies"] < k1["final_eval"]["test"]["rewards/accuracies"]
+
+
+def test_exercise_9_label_noise_costs_ganpo_at_least_as_much_as_dpo_in_the_records():
+    text = exercise(9)
+    acc = {(m, n, s): record(f"{m}-n{n}-s{s}")["final_eval"]["test"]["rewards/accuracies"]
+           for m in ("dpo", "ganpo") for n in ("0", "0.2") for s in (0, 1)}
+    for m in ("dpo", "ganpo"):
+        for s in (0, 1):
+            assert f"{acc[m, '0', s]:.3f} to {acc[m, '0.2', s]:.3f}" in text
+            assert acc[m, "0.2", s] < acc[m, "0", s]
+    for s in (0, 1):
+        assert acc["ganpo", "0", s] - acc["ganpo", "0.2", s] > acc["dpo", "0", s] - acc["dpo", "0.2", s]
+
+
+def test_exercise_10_the_saturating_generator_loss_lets_the_toy_policy_run(monkeypatch):
+    text = exercise(10)
+    new = "    return 0.5 * (-bce(fake_chosen - m_real_chosen, 0) - bce(fake_rejected - m_real_rejected, 0))"
+    assert " ".join(new.split()) in text
+    saturating = changed(ganpo.generator_loss,
+                         "    return 0.5 * (bce(fake_chosen - m_real_chosen, 1) + bce(fake_rejected - m_real_rejected, 1))",
+                         new)
+    monkeypatch.setattr(ganpo, "generator_loss", saturating)
+    history = walkthrough_toy_game()(1e-2)
+    step, distance, auc, l_g = history[-1]
+    assert f"‖s‖ about {distance:.1f}" in text and f"its last value {l_g:.2f}".replace("-", "−") in text
+    assert 0.85 * 7.5 < distance < 7.5 and -0.05 < l_g <= 0
+    assert "ended at 0.56" in text  # the original line's end, asserted by the walkthrough's run
+
+
+def test_exercise_11_dpo_without_the_reference_stops_the_walkthrough_at_section_2(monkeypatch, capsys):
+    import runpy
+    text = exercise(11)
+    new = "delta = policy_chosen_logps - policy_rejected_logps"
+    assert f"`{new}`" in text
+    no_reference = changed(ganpo.dpo_loss, """delta = ((policy_chosen_logps - ref_chosen_logps)
+             - (policy_rejected_logps - ref_rejected_logps))""", new)
+    monkeypatch.setattr(ganpo, "dpo_loss", no_reference)
+    with pytest.raises(AssertionError) as stop:
+        runpy.run_path(os.path.join(HERE, "walkthrough.py"), run_name="__main__")
+    assert "assert torch.equal(step0" in "".join(stop.traceback[-1].statement.lines)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 0:")]
+    losses = json.loads(printed[0].split("step 0:")[1].split("ln 2")[0])
+    by_hand = [math.log1p(math.exp(-0.1 * 3)), math.log1p(math.exp(0.1 * 2))]
+    assert losses == pytest.approx(by_hand, rel=8 * torch.finfo(torch.float32).eps)
+    assert f"`[{by_hand[0]:.4f}, {by_hand[1]:.4f}]`" in text

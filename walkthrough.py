@@ -407,7 +407,7 @@ def toy_game(disc_lr, steps=150, force=1.0, policy_lr=0.05, seed=0):
                           for k, v in ganpo.score(toy_discs, side, real, fake, mask).items()}
             aucs = ganpo.disc_aucs(scores)
             history.append((step + 1, float(shift.detach().norm()),
-                            aucs["disc/auc_real_fake"], float(l_g)))
+                            aucs["disc/auc_real_fake"], float(l_g.detach())))
     return history
 
 
