@@ -1,7 +1,7 @@
 """Tests: CPU only, offline, about 2 minutes on 2 cores (35 s without the `slow` ones).
 
     HF_HUB_OFFLINE=1 python -m pytest -q test_ganpo.py              # all
-    HF_HUB_OFFLINE=1 python -m pytest -q test_ganpo.py -m "not slow"   # no torchrun, bench, grid, gpu_check
+    HF_HUB_OFFLINE=1 python -m pytest -q test_ganpo.py -m "not slow"   # no new processes
 
 Each test is named for the property it checks. Models are the `tiny` random Llama (with the
 packaged SmolLM2 tokenizer, so chat templates and special tokens are real).
@@ -1169,7 +1169,8 @@ def assert_same_run(whole, stopped, weights="model.safetensors"):
     return sb, lines[1]
 
 
-@pytest.mark.parametrize("variant", list(NEW_FLAGS))
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=[pytest.mark.slow] if v == "authors" else [])
+                                     for v in NEW_FLAGS])  # authors': a process of its own, slow
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, data_file, trained_run, variant):
     """authors': a real Ctrl-C to `python train.py`, against the subprocess run trained_run; the
     others in this process (train_here), whole and interrupted alike."""
@@ -1464,6 +1465,7 @@ def hub_runs(tmp_path_factory, hub_home):
     return {kind: (out, logs[str(root / kind / "train.log")]) for kind, out in runs.items()}
 
 
+@pytest.mark.slow  # a process of its own
 @pytest.mark.parametrize("kind", ["standard", "conversational"])
 def test_a_hub_model_id_and_a_hub_dataset_train_and_evaluate_offline_through_the_libraries_loaders(hub_runs, kind):
     """eval.py runs on the standard run (the conversational one differs only in tokenisation, which train.py covers)."""
@@ -2116,7 +2118,7 @@ def walkthrough_toy_game():
     return namespace["toy_game"]
 
 
-EXERCISE_RUN = ["--model", "tiny", "--max_steps", "1", "--dtype", "fp32", "--eval_every", "0"]
+EXERCISE_RUN = ["--model", "tiny", "--max_steps", "1", "--dtype", "fp32", "--eval_every", "0", "--limit", "8"]
 
 
 @pytest.fixture(scope="session")
