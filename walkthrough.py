@@ -7,8 +7,10 @@
 # - As a script: `python walkthrough.py` (the figure goes to `walkthrough.png`; set
 #   `WALKTHROUGH_FIGURE` to put it elsewhere).
 # - As a notebook: VS Code and PyCharm run the `# %%` cells as they are. In Jupyter,
-#   `pip install jupytext` and open this file as a notebook. For Colab, make one with
-#   `jupytext --to ipynb walkthrough.py` and upload it with `ganpo.py` and `loading.py`.
+#   `pip install jupytext` and open this file as a notebook. For Colab, make a notebook with
+#   `jupytext --to ipynb walkthrough.py`, then in Colab put the repository's files beside it
+#   (upload or clone them) and run the README's install line first: the cells import
+#   `ganpo.py`, `loading.py` and `scaleout.py`, and the tiny model uses SmolLM2's tokenizer.
 #
 # Every number a reader is asked to believe is asserted. Comparisons between a hand computation
 # and a function allow a few float32 roundings (`ulps` below), never a tolerance fitted to the
