@@ -1,4 +1,5 @@
-"""Tests: CPU only, offline, about 2 minutes on 2 cores (35 s without the `slow` ones).
+"""Tests: CPU only, offline, float32 unless bf16 is what a test checks; about 2.5 minutes on 2 cores
+(about 65 s without the `slow` ones, which start new processes).
 
     HF_HUB_OFFLINE=1 python -m pytest -q test_ganpo.py              # all
     HF_HUB_OFFLINE=1 python -m pytest -q test_ganpo.py -m "not slow"   # no new processes
