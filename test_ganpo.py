@@ -2281,6 +2281,10 @@ def test_exercise_10_the_saturating_generator_loss_lets_the_toy_policy_run(monke
                          "    return 0.5 * (bce(fake_chosen - m_real_chosen, 1) + bce(fake_rejected - m_real_rejected, 1))",
                          new)
     monkeypatch.setattr(ganpo, "generator_loss", saturating)
+    import runpy
+    with pytest.raises(AssertionError) as stop:  # as a script it stops at section 5's hand-computed L_G
+        runpy.run_path(os.path.join(HERE, "walkthrough.py"), run_name="__main__")
+    assert "close(l_g, by_hand)" in "".join(stop.traceback[-2].statement.lines)
     history = walkthrough_toy_game()(1e-2)
     step, distance, auc, l_g = history[-1]
     assert f"‖s‖ about {distance:.1f}" in text and f"its last value {l_g:.2f}".replace("-", "−") in text
