@@ -2043,16 +2043,21 @@ def test_gpu_check_train_judge_fails_a_run_whose_step_0_is_not_dpo_or_whose_loss
 
 @pytest.mark.slow
 def test_gpu_check_runs_every_check_on_the_cpu_and_writes_its_record(tmp_path, capsys, monkeypatch):
-    """The same checks, on the tiny model in float32 (--allow_cpu: how CPU machines test it). The checks of one
-    process (bench.py, train.py) run their main() in this process, as the grid test does; torchrun's is a process."""
+    """The same checks, on the tiny model in float32 (--allow_cpu: how CPU machines test it). Each check's script
+    runs its main() in this process, as the grid test does: torchrun's with one process is train.py with
+    WORLD_SIZE 1 (scaleout.start_distributed), so here its command line is parsed by torchrun's own parser and
+    train.py runs without the launcher; torchrun itself, on two processes, is two_process_runs' test."""
     import bench
-    script = gpu_check()
-    real_run = script.run
+    from torch.distributed.run import get_args_parser
+    script, launched = gpu_check(), []
 
     def run(cmd, timeout):
-        main = {"bench.py": bench.main, "train.py": train.main}.get(cmd[1])
-        if main is None:
-            return real_run(cmd, timeout)
+        if cmd[1:3] == ["-m", "torch.distributed.run"]:
+            launch = get_args_parser().parse_args(cmd[3:])
+            assert launch.standalone and launch.nproc_per_node == "1", cmd
+            launched.append(launch.training_script)
+            cmd = [cmd[0], launch.training_script, *launch.training_script_args]
+        main = {"bench.py": bench.main, "train.py": train.main}[cmd[1]]
         t0 = time.time()
         code, out, err = main_here(main, cmd[1:])
         return code, out + err, time.time() - t0
@@ -2069,6 +2074,7 @@ def test_gpu_check_runs_every_check_on_the_cpu_and_writes_its_record(tmp_path, c
     assert train_row["step0_loss"] == pytest.approx(math.log(2), abs=1e-6) and train_row["step0_rewards"] == [0, 0]
     assert train_row["final_heldout_loss"] < math.log(2) and train_row["steps"] == 6
     assert record["checks"][0]["figures"]["time_ratio"] > 1 and "all checks passed" in printed
+    assert launched == ["train.py"]
 
 
 # -------------------------------------------------------------- the teaching kit
