@@ -1859,8 +1859,7 @@ def test_experiment_grid_records_a_cell_skips_it_when_rerun_reproduces_it_and_re
     grid_script = grid_module()
     grid = ["experiments/run.py", "--methods", "dpo", "--noise", "0.2",
             "--seeds", "0", "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"),
-            "--train_flags", "--model tiny --max_steps 1 --batch_size 2 --max_length 48 --max_prompt_length 40 "
-                             "--dtype fp32",
+            "--train_flags", "--model tiny --max_steps 1 --batch_size 2 --max_length 48 --max_prompt_length 40",
             "--eval_flags", "--limit 4 --gen_prompts 1 --samples 1 --temperatures 1.0 --max_new_tokens 4"]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # for the cells' processes
 
