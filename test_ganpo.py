@@ -1,5 +1,6 @@
-"""Tests: CPU only, offline, float32 unless bf16 is what a test checks; about 2.5 minutes on 2 cores
-(about 65 s without the `slow` ones, which start new processes).
+"""Tests: CPU only, offline, float32 unless bf16 is what a test checks. pytest.ini runs them on two
+worker processes (pytest-xdist): about 100 s on 2 cores, about 46 s without the `slow` ones, which
+start new processes. `-n 0` runs them in this process (for one test, or a debugger).
 
     HF_HUB_OFFLINE=1 python -m pytest -q test_ganpo.py              # all
     HF_HUB_OFFLINE=1 python -m pytest -q test_ganpo.py -m "not slow"   # no new processes
@@ -21,6 +22,9 @@ import time
 import types
 from contextlib import nullcontext
 from unittest import mock
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N processes share the cores, so one thread each,
+    os.environ["OMP_NUM_THREADS"] = "1"      # also in the processes they start (read when torch loads)
 
 import pytest
 import torch
