@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -2086,7 +2087,6 @@ def test_the_walkthrough_runs_top_to_bottom_its_assertions_hold_and_it_draws_its
         tmp_path, monkeypatch, capsys):
     """Its cells assert every figure they print (by hand against ganpo.py, the written-out step
     against ganpo_step bit for bit, the toy game's three regimes); here it runs as a script."""
-    import runpy
     monkeypatch.setenv("WALKTHROUGH_FIGURE", str(tmp_path / "game.png"))
     runpy.run_path(os.path.join(HERE, "walkthrough.py"), run_name="__main__")
     out = capsys.readouterr().out
@@ -2094,9 +2094,14 @@ def test_the_walkthrough_runs_top_to_bottom_its_assertions_hold_and_it_draws_its
     assert (tmp_path / "game.png").stat().st_size > 20_000
 
 
+def exercises_page():
+    with open(os.path.join(HERE, "docs", "exercises.md"), encoding="utf-8") as f:
+        return f.read()
+
+
 def exercise(n):
     """Section n of docs/exercises.md, its answer included."""
-    text = open(os.path.join(HERE, "docs", "exercises.md"), encoding="utf-8").read()
+    text = exercises_page()
     start = text.index(f"\n## {n}. ")
     end = text.find("\n## ", start + 1)
     return " ".join(text[start:end if end > 0 else len(text)].split())  # line breaks as spaces
@@ -2147,7 +2152,7 @@ def exercise_runs(tmp_path_factory):
 def test_exercise_1_the_step_0_loss_is_ln2_plus_a_generator_loss_near_ln2(exercise_runs):
     m, printed = exercise_runs["default"]
     text = exercise(1)
-    assert "python train.py " + " ".join(EXERCISE_RUN) in open(os.path.join(HERE, "docs", "exercises.md")).read()
+    assert "python train.py " + " ".join(EXERCISE_RUN) in exercises_page()
     assert m["opo/loss"] == pytest.approx(math.log(2), abs=4 * torch.finfo(torch.float32).eps)
     assert f"loss {m['loss']:.4f}" in printed and f"`loss {m['loss']:.4f}`" in text
     assert f"g_loss {m['gen/loss']:.3f}" in printed and f"L_G is near ln 2 as well: {m['gen/loss']:.4f}" in text
@@ -2290,7 +2295,6 @@ def test_exercise_10_the_saturating_generator_loss_lets_the_toy_policy_run(monke
                          "    return 0.5 * (bce(fake_chosen - m_real_chosen, 1) + bce(fake_rejected - m_real_rejected, 1))",
                          new)
     monkeypatch.setattr(ganpo, "generator_loss", saturating)
-    import runpy
     with pytest.raises(AssertionError) as stop:  # as a script it stops at section 5's hand-computed L_G
         runpy.run_path(os.path.join(HERE, "walkthrough.py"), run_name="__main__")
     assert "close(l_g, by_hand)" in "".join(stop.traceback[-2].statement.lines)
@@ -2302,7 +2306,6 @@ def test_exercise_10_the_saturating_generator_loss_lets_the_toy_policy_run(monke
 
 
 def test_exercise_11_dpo_without_the_reference_stops_the_walkthrough_at_section_2(monkeypatch, capsys):
-    import runpy
     text = exercise(11)
     new = "delta = policy_chosen_logps - policy_rejected_logps"
     assert f"`{new}`" in text

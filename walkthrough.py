@@ -317,13 +317,12 @@ def weights(*modules):
     return torch.cat([p.detach().flatten() for m in modules for p in m.parameters()])
 
 
-start = players()
 mine, theirs, ablation = players(), players(), players("simultaneous")
+start = weights(mine[0], mine[2])  # a copy: the same for all three
 one_step(*mine[:5], batch, mine[5], {})
 ganpo.ganpo_step(*theirs[:5], [batch], theirs[5], {}, nullcontext, max_grad_norm=1.0)
 ganpo.ganpo_step(*ablation[:5], [batch], ablation[5], {}, nullcontext, max_grad_norm=1.0)
-start, after_mine, after_theirs, after_ablation = (weights(p[0], p[2]) for p in
-                                                   (start, mine, theirs, ablation))
+after_mine, after_theirs, after_ablation = (weights(p[0], p[2]) for p in (mine, theirs, ablation))
 print("largest difference, written out vs ganpo_step:",
       f"{float((after_mine - after_theirs).abs().max()):.3g}; moved from the start by",
       f"{float((after_mine - start).abs().max()):.3g}; the simultaneous order differs by",
